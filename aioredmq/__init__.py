@@ -1,0 +1,63 @@
+"""aioredmq: reliable, fast asyncio messaging on Redis."""
+
+from .client import Client as Client
+from .client import connect as connect
+from .codecs import Codec as Codec
+from .codecs import JsonCodec as JsonCodec
+from .codecs import MsgpackCodec as MsgpackCodec
+from .codecs import RawCodec as RawCodec
+from .config import RetryPolicy as RetryPolicy
+from .consumer import Consumer as Consumer
+from .consumer import ConsumerStats as ConsumerStats
+from .envelope import DeadRecord as DeadRecord
+from .errors import AioredmqError as AioredmqError
+from .errors import ClosedError as ClosedError
+from .errors import ClusterError as ClusterError
+from .errors import ConfigError as ConfigError
+from .errors import ConnectionLostError as ConnectionLostError
+from .errors import DecodeError as DecodeError
+from .errors import MessageStateError as MessageStateError
+from .errors import MessageTooLargeError as MessageTooLargeError
+from .errors import PublishError as PublishError
+from .errors import PublishUnconfirmedError as PublishUnconfirmedError
+from .errors import RedisError as RedisError
+from .errors import RedisTimeoutError as RedisTimeoutError
+from .errors import ResponseError as ResponseError
+from .errors import WrongTypeError as WrongTypeError
+from .message import Message as Message
+from .queue import Queue as Queue
+from .queue import QueueStats as QueueStats
+from .runner import run as run
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AioredmqError",
+    "Client",
+    "ClosedError",
+    "ClusterError",
+    "Codec",
+    "ConfigError",
+    "ConnectionLostError",
+    "Consumer",
+    "ConsumerStats",
+    "DeadRecord",
+    "DecodeError",
+    "JsonCodec",
+    "Message",
+    "MessageStateError",
+    "MessageTooLargeError",
+    "MsgpackCodec",
+    "PublishError",
+    "PublishUnconfirmedError",
+    "Queue",
+    "QueueStats",
+    "RawCodec",
+    "RedisError",
+    "RedisTimeoutError",
+    "ResponseError",
+    "RetryPolicy",
+    "WrongTypeError",
+    "connect",
+    "run",
+)

@@ -1,0 +1,237 @@
+"""The connection to Redis: pools, dedicated blocking connections and background tasks.
+
+``connect()`` returns a :class:`Client`, an async context manager. It owns the pools
+and tasks it creates and closes them on exit; a redis-py client passed in by the
+caller is used as it is and never closed by us.
+
+redis-py re-sends a command after a connection error by default (three times in
+redis-py 8). For a queue that silently duplicates writes, so clients made here have
+retries off; aioredmq retries on its own terms, where it knows a retry is safe (the
+publish script drops a batch it already applied, settles check the in-flight list).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .codecs import Codec
+from .config import RetryPolicy, check_positive
+from .errors import ClosedError, ConfigError
+from .keys import check_name
+from .tasks import Tasks
+
+if TYPE_CHECKING:
+    from .message import Message
+    from .queue import Queue
+
+__all__ = ("Client", "connect")
+
+log = logging.getLogger("aioredmq")
+T = TypeVar("T")
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+class Client:
+    """A connection to one Redis deployment. Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        owned: bool,
+        prefix: str = "aioredmq",
+    ) -> None:
+        self.redis = redis
+        self.prefix = check_name("prefix", prefix)
+        self._owned = owned
+        self._state = _State.UNOPENED
+        self._tasks = Tasks()
+        self._queues: dict[str, Queue[Any]] = {}
+        self._dedicated: set[Redis] = set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        if self._state is not _State.UNOPENED:
+            raise ClosedError("a Client can be opened only once; call connect() again")
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush every producer, stop background tasks, close what this client created."""
+        if self._state is _State.CLOSED:
+            return
+        was_open = self._state is _State.OPENED
+        self._state = _State.CLOSED
+        with anyio.CancelScope(shield=True):
+            try:
+                if was_open:
+                    for queue in list(self._queues.values()):
+                        await queue.producer.aclose()
+            finally:
+                await self._tasks.aclose()
+                for conn in list(self._dedicated):
+                    await conn.aclose(close_connection_pool=True)
+                self._dedicated.clear()
+                if self._owned:
+                    await self.redis.aclose(close_connection_pool=True)
+
+    def check_open(self) -> None:
+        if self._state is _State.UNOPENED:
+            raise ClosedError("the Client is not open: use 'async with aioredmq.connect(...)'")
+        if self._state is _State.CLOSED:
+            raise ClosedError("the Client is closed")
+
+    def start_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` until the client closes."""
+        self.check_open()
+        self._tasks.spawn(coro, name)
+
+    # -- connections -----------------------------------------------------------------
+
+    def dedicated(self, socket_timeout_s: float) -> Redis:
+        """A single-connection client with the same settings, for blocking reads.
+
+        Its socket timeout must exceed the block time, so a long BLMOVE is not cut
+        short by the pool's timeout, and it never stalls publishes or acks.
+        """
+        self.check_open()
+        pool = self.redis.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(socket_timeout=socket_timeout_s, retry=_no_retry(), retry_on_error=[])
+        # A pool of one, not single_connection_client: redis-py's single-connection path
+        # mishandles a command cancelled mid-read (it releases the connection twice).
+        conn = Redis(
+            connection_pool=ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+        )
+        self._dedicated.add(conn)
+        return conn
+
+    async def release_dedicated(self, conn: Redis) -> None:
+        self._dedicated.discard(conn)
+        with anyio.CancelScope(shield=True):
+            await conn.aclose(close_connection_pool=True)
+
+    # -- transports ------------------------------------------------------------------
+
+    def queue(
+        self,
+        name: str,
+        *,
+        codec: str | Codec = "json",
+        retry: RetryPolicy | None = None,
+        lease_s: float = 30.0,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        max_buffered: int = 10_000,
+    ) -> Queue[Any]:
+        """The reliable list queue ``name``. The same name gives the same object.
+
+        ``lease_s``: how long a consumer that stopped heartbeating keeps its messages
+        before another consumer recovers them. ``max_buffered``: messages a producer
+        holds before ``publish()`` waits. ``max_body_bytes``: the largest encoded
+        message ``publish()`` accepts.
+        """
+        from .queue import Queue
+
+        self.check_open()
+        q: Queue[Any] = Queue(
+            self,
+            name,
+            codec=codec,
+            retry=retry or RetryPolicy(),
+            lease_s=lease_s,
+            max_body_bytes=max_body_bytes,
+            max_buffered=max_buffered,
+        )
+        existing = self._queues.get(name)
+        if existing is not None:
+            if existing.settings != q.settings:
+                raise ConfigError(
+                    f"queue {name!r} is already open with other settings {existing.settings}; "
+                    "configure it once and reuse the object"
+                )
+            return existing
+        self._queues[name] = q
+        return q
+
+    async def run(
+        self,
+        queue: Queue[T],
+        handler: Callable[[Message[T]], Awaitable[object]],
+        *,
+        concurrency: int = 16,
+        prefetch: int | None = None,
+        handler_timeout_s: float | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
+        """Run ``handler`` on every message of ``queue`` until cancelled. See :func:`run`."""
+        from .runner import run
+
+        await run(
+            queue,
+            handler,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            handler_timeout_s=handler_timeout_s,
+            grace_s=grace_s,
+        )
+
+
+def connect(
+    url_or_client: str | Redis,
+    *,
+    prefix: str = "aioredmq",
+    socket_timeout_s: float = 10.0,
+    connect_timeout_s: float = 5.0,
+    max_connections: int = 64,
+) -> Client:
+    """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
+
+    Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
+    used as it is (including its retry policy) and stays open after ``mq`` closes.
+    """
+    if isinstance(url_or_client, Redis):
+        return Client(url_or_client, owned=False, prefix=prefix)
+    if not isinstance(url_or_client, str):
+        raise ConfigError(f"url_or_client={url_or_client!r} must be a redis:// URL or a redis.asyncio.Redis")
+    check_positive("socket_timeout_s", socket_timeout_s)
+    check_positive("connect_timeout_s", connect_timeout_s)
+    check_positive("max_connections", max_connections, integer=True)
+    try:
+        redis = Redis.from_url(
+            url_or_client,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            max_connections=max_connections,
+            retry=_no_retry(),
+            retry_on_error=[],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
+    return Client(redis, owned=True, prefix=prefix)

@@ -1,0 +1,102 @@
+"""Body codecs: how a message body becomes bytes and back.
+
+JSON is the default; ``raw`` passes bytes through; ``msgpack`` needs the
+``msgpack`` package (``pip install aioredmq[msgpack]``). Pickle is never offered
+by default: unpickling a message from Redis runs code chosen by whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import ConfigError, DecodeError
+
+__all__ = ("Codec", "JsonCodec", "MsgpackCodec", "RawCodec", "get_codec")
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns bodies into bytes. ``name`` is written into every envelope (letters only)."""
+
+    name: str
+
+    def encode(self, body: Any) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+class JsonCodec:
+    name = "json"
+
+    def __init__(self) -> None:
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def encode(self, body: Any) -> bytes:
+        try:
+            return self._dumps(body).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"body is not JSON-serialisable: {exc}") from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"body is not valid JSON: {exc}") from exc
+
+
+class RawCodec:
+    name = "raw"
+
+    def encode(self, body: Any) -> bytes:
+        if isinstance(body, bytes):
+            return body
+        if isinstance(body, (bytearray, memoryview)):
+            return bytes(body)
+        raise TypeError(f"the raw codec takes bytes, not {type(body).__name__}")
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
+
+class MsgpackCodec:
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        try:
+            import msgpack  # type: ignore[import-untyped,unused-ignore]
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ConfigError("codec='msgpack' needs the msgpack package: pip install 'aioredmq[msgpack]'") from exc
+        self._packb = msgpack.packb
+        self._unpackb = msgpack.unpackb
+
+    def encode(self, body: Any) -> bytes:
+        try:
+            return bytes(self._packb(body, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"body is not msgpack-serialisable: {exc}") from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return self._unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise DecodeError(f"body is not valid msgpack: {exc}") from exc
+
+
+_BUILTIN: dict[str, type[Codec]] = {
+    "json": JsonCodec,
+    "raw": RawCodec,
+    "msgpack": MsgpackCodec,
+}
+
+
+def get_codec(codec: str | Codec) -> Codec:
+    """Resolve a codec name or instance."""
+    if isinstance(codec, str):
+        try:
+            return _BUILTIN[codec]()
+        except KeyError:
+            raise ConfigError(f"codec={codec!r} is unknown: use one of {sorted(_BUILTIN)} or a Codec object") from None
+    if isinstance(codec, Codec) and isinstance(codec.name, str) and codec.name.isalpha():
+        return codec
+    raise ConfigError(f"codec={codec!r} is not a Codec: it needs encode(), decode() and an alphabetic name")

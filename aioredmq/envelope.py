@@ -1,0 +1,148 @@
+"""The wire format of a message, and of a dead-letter record.
+
+An envelope is one header line, then the headers as JSON, then the body::
+
+    amq1 <id> <attempts> <published_ms> <codec> <headers_len>\\n<headers JSON><body>
+
+``attempts`` counts the deliveries that ended without an ack (failures, crashes,
+lease expiries); a message's delivery count is ``attempts + 1``. The Lua reaper
+rewrites that one field in place, so the format must stay parseable there.
+
+A dead-letter record wraps the original bytes, decodable or not::
+
+    amqdead1 <dead_ms> <reason_len>\\n<reason><original bytes>
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DecodeError
+
+__all__ = (
+    "DeadRecord",
+    "Envelope",
+    "decode",
+    "decode_dead",
+    "encode",
+    "encode_dead",
+    "with_attempts",
+)
+
+MAGIC = b"amq1"
+DEAD_MAGIC = b"amqdead1"
+_MAX_HEADER_LINE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    attempts: int
+    published_ms: int
+    codec: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def encode(
+    message_id: str,
+    attempts: int,
+    published_ms: int,
+    codec: str,
+    headers: dict[str, str] | None,
+    body: bytes,
+) -> bytes:
+    h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
+    return b"%b %b %d %d %b %d\n%b%b" % (
+        MAGIC,
+        message_id.encode(),
+        attempts,
+        published_ms,
+        codec.encode(),
+        len(h),
+        h,
+        body,
+    )
+
+
+def decode(raw: bytes) -> Envelope:
+    """Parse an envelope; raise :class:`DecodeError` saying what is wrong."""
+    nl = raw.find(b"\n", 0, _MAX_HEADER_LINE)
+    if nl < 0 or not raw.startswith(MAGIC + b" "):
+        raise DecodeError("not an aioredmq envelope (foreign writer or corrupt bytes)")
+    fields = raw[:nl].split(b" ")
+    if len(fields) != 6:
+        raise DecodeError(f"envelope header has {len(fields)} fields, expected 6")
+    _, mid, attempts, published, codec, hlen = fields
+    try:
+        message_id = mid.decode("ascii")
+        n_attempts = int(attempts)
+        published_ms = int(published)
+        n_header = int(hlen)
+        codec_name = codec.decode("ascii")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"envelope header is malformed: {exc}") from exc
+    if n_attempts < 0 or n_header < 0 or not codec_name.isalpha() or not message_id.isalnum():
+        raise DecodeError("envelope header has an out-of-range field")
+    start = nl + 1
+    if start + n_header > len(raw):
+        raise DecodeError("envelope is truncated inside its headers")
+    headers: dict[str, str] = {}
+    if n_header:
+        try:
+            parsed: Any = json.loads(raw[start : start + n_header])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"envelope headers are not JSON: {exc}") from exc
+        if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+        ):
+            raise DecodeError("envelope headers must be a JSON object of strings")
+        headers = parsed
+    return Envelope(message_id, n_attempts, published_ms, codec_name, headers, raw[start + n_header :])
+
+
+def with_attempts(raw: bytes, attempts: int) -> bytes:
+    """The same (already decoded) envelope with another attempt count."""
+    nl = raw.index(b"\n")
+    fields = raw[:nl].split(b" ")
+    fields[2] = b"%d" % attempts
+    return b" ".join(fields) + raw[nl:]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRecord:
+    """A dead-lettered message: why, when, and its original bytes."""
+
+    reason: str
+    dead_ms: int
+    raw: bytes
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The original envelope, or ``None`` when the original bytes never decoded."""
+        try:
+            return decode(self.raw)
+        except DecodeError:
+            return None
+
+
+def encode_dead(raw: bytes, reason: str, dead_ms: int) -> bytes:
+    r = reason.encode("utf-8", "replace")
+    return b"%b %d %d\n%b%b" % (DEAD_MAGIC, dead_ms, len(r), r, raw)
+
+
+def decode_dead(record: bytes) -> DeadRecord:
+    nl = record.find(b"\n", 0, 64)
+    fields = record[:nl].split(b" ") if nl > 0 else []
+    if len(fields) != 3 or fields[0] != DEAD_MAGIC:
+        # Written by something else: keep it visible rather than hide it.
+        return DeadRecord("unrecognised dead-letter record", 0, record)
+    try:
+        dead_ms, rlen = int(fields[1]), int(fields[2])
+    except ValueError:
+        return DeadRecord("unrecognised dead-letter record", 0, record)
+    start = nl + 1
+    reason = record[start : start + rlen].decode("utf-8", "replace")
+    return DeadRecord(reason, dead_ms, record[start + rlen :])

@@ -1,0 +1,135 @@
+"""The one exception tree of aioredmq.
+
+Every error the library raises to users derives from :class:`AioredmqError`;
+errors from redis-py are translated at the boundary (:func:`translate`)::
+
+    AioredmqError
+    ├── ConfigError (ValueError)            a knob has an invalid value; the message names it
+    ├── ClosedError                          the client, producer or consumer is closed
+    ├── RedisError                           the server or the link to it failed
+    │   ├── ConnectionLostError              could not connect, or the link broke mid-command
+    │   ├── RedisTimeoutError                the server did not answer within the socket timeout
+    │   ├── WrongTypeError                   a key holds another Redis type; the message names it
+    │   ├── ClusterError                     Redis Cluster refused or could not route a command
+    │   └── ResponseError                    any other error reply
+    ├── PublishError                         a publish did not complete
+    │   ├── MessageTooLargeError (ValueError)  the encoded body is over ``max_body_bytes``
+    │   └── PublishUnconfirmedError          sent, but no confirmation came back: it may exist
+    ├── DecodeError                          bytes that are not a valid aioredmq envelope or body
+    └── MessageStateError                    ack/nack on a message that was already settled
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import redis.exceptions as rex
+
+__all__ = (
+    "AioredmqError",
+    "ClosedError",
+    "ClusterError",
+    "ConfigError",
+    "ConnectionLostError",
+    "DecodeError",
+    "MessageStateError",
+    "MessageTooLargeError",
+    "PublishError",
+    "PublishUnconfirmedError",
+    "RedisError",
+    "RedisTimeoutError",
+    "ResponseError",
+    "WrongTypeError",
+    "translate",
+)
+
+
+class AioredmqError(Exception):
+    """Root of every error aioredmq raises."""
+
+
+class ConfigError(AioredmqError, ValueError):
+    """A configuration value is invalid. The message names the knob."""
+
+
+class ClosedError(AioredmqError):
+    """The object was closed; it cannot be used or reopened."""
+
+
+class RedisError(AioredmqError):
+    """The Redis server, or the connection to it, failed."""
+
+
+class ConnectionLostError(RedisError):
+    """Could not connect, or the connection broke during a command."""
+
+
+class RedisTimeoutError(RedisError):
+    """The server did not answer within the socket timeout."""
+
+
+class WrongTypeError(RedisError):
+    """A key holds a value of the wrong Redis type."""
+
+
+class ClusterError(RedisError):
+    """Redis Cluster could not route or refused a command."""
+
+
+class ResponseError(RedisError):
+    """The server answered with an error reply."""
+
+
+class PublishError(AioredmqError):
+    """A publish did not complete."""
+
+
+class MessageTooLargeError(PublishError, ValueError):
+    """The encoded message is larger than the queue's ``max_body_bytes``. Nothing was sent."""
+
+
+class PublishUnconfirmedError(PublishError):
+    """The batch was sent but never confirmed; the messages may or may not exist.
+
+    Retrying the publish may create a duplicate; consumers deduplicate by message id.
+    """
+
+
+class DecodeError(AioredmqError):
+    """Bytes that are not a valid aioredmq envelope, or a body the codec cannot decode."""
+
+
+class MessageStateError(AioredmqError):
+    """The message was already acked, nacked or dead-lettered."""
+
+
+def translate(exc: BaseException, *, keys: tuple[str, ...] = ()) -> AioredmqError:
+    """Map a redis-py exception to the aioredmq tree (``keys`` name what the command touched)."""
+    where = f" (keys: {', '.join(keys)})" if keys else ""
+    if isinstance(exc, AioredmqError):
+        return exc
+    if isinstance(exc, rex.TimeoutError):
+        return RedisTimeoutError(f"Redis did not answer in time{where}: {exc}")
+    if isinstance(exc, rex.ConnectionError):
+        return ConnectionLostError(f"lost the connection to Redis{where}: {exc}")
+    if isinstance(exc, rex.RedisClusterException):
+        return ClusterError(f"Redis Cluster error{where}: {exc}")
+    text = str(exc)
+    if "WRONGTYPE" in text:
+        return WrongTypeError(
+            f"a key holds the wrong Redis type{where}; another application may be using "
+            f"this key name: pick another queue name or prefix. Server said: {text}"
+        )
+    if isinstance(exc, rex.ResponseError):
+        return ResponseError(f"Redis error{where}: {text}")
+    return RedisError(f"Redis client error{where}: {exc!r}")
+
+
+@contextlib.contextmanager
+def mapped(*keys: str) -> Iterator[None]:
+    """Re-raise redis-py errors raised inside the block as aioredmq errors."""
+    try:
+        yield
+    except rex.RedisError as exc:
+        raise translate(exc, keys=keys) from exc

@@ -1,0 +1,38 @@
+"""Globally unique, time-ordered message ids.
+
+An id is 32 lowercase hex digits: 12 of Unix time in milliseconds, 12 of a
+random per-process node, 8 of a per-process counter. Ids from one process sort
+in creation order; ids from different processes sort by millisecond. The node
+is drawn again in a forked child so parent and child never share ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+__all__ = ("new_id", "id_time")
+
+_node = ""
+_counter: itertools.count[int] = itertools.count()
+
+
+def _reseed() -> None:
+    global _node, _counter
+    _node = os.urandom(6).hex()
+    _counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_id() -> str:
+    """Return a new message id."""
+    return f"{time.time_ns() // 1_000_000:012x}{_node}{next(_counter) & 0xFFFFFFFF:08x}"
+
+
+def id_time(message_id: str) -> float:
+    """The Unix time (seconds) at which an id was made."""
+    return int(message_id[:12], 16) / 1000.0

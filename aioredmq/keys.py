@@ -1,0 +1,67 @@
+"""Where every Redis key name is built.
+
+All keys of one queue share the hash tag ``{name}`` so that every multi-key
+command and Lua script touches a single Cluster slot::
+
+    <prefix>:{<name>}:ready               list; producers LPUSH, consumers take from the right
+    <prefix>:{<name>}:inflight:<consumer> list; what one consumer holds, oldest at the right
+    <prefix>:{<name>}:leases              zset; consumer -> lease deadline (ms)
+    <prefix>:{<name>}:delayed             zset; envelope -> due time (ms), retries waiting
+    <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
+    <prefix>:{<name>}:producer:<id>       string; last batch sequence a producer applied
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = ("QueueKeys", "check_name")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")
+
+
+def check_name(knob: str, value: str) -> str:
+    """Validate a queue name, prefix or consumer name: no braces, spaces or control bytes."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"{knob}={value!r} is invalid: use 1-200 characters from letters, digits and "
+            "'_.-/:@' (braces are reserved for the Cluster hash tag)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The key names of one list queue."""
+
+    prefix: str
+    name: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.name}}}"
+
+    @property
+    def ready(self) -> str:
+        return f"{self.base}:ready"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.base}:leases"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    def inflight(self, consumer: str) -> str:
+        return f"{self.base}:inflight:{consumer}"
+
+    def producer(self, producer_id: str) -> str:
+        return f"{self.base}:producer:{producer_id}"

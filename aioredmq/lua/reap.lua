@@ -1,0 +1,47 @@
+-- Recover what an expired consumer held: back to the front of ready with the attempt count
+-- raised, or to dead-letter once it has been delivered max_deliveries times.
+-- KEYS[1] leases sorted set
+-- KEYS[2] the expired consumer's in-flight list (oldest at the right)
+-- KEYS[3] ready list
+-- KEYS[4] dead-letter list
+-- ARGV[1] consumer name
+-- ARGV[2] max deliveries
+-- ARGV[3] how long (ms) an expired, empty lease is kept before it is forgotten
+-- Returns {requeued, dead_lettered}; {-1, 0} when the lease is alive again (nothing touched).
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) >= now then
+  return {-1, 0}
+end
+local max = tonumber(ARGV[2])
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+local requeued, dead = 0, 0
+-- Newest first: each RPUSH goes to the front, so the oldest ends up first in line again.
+for i = 1, #items do
+  local raw = items[i]
+  local _, e, id, n = string.find(raw, '^amq1 (%x+) (%d+) ')
+  local reason = nil
+  if e then
+    local attempts = tonumber(n) + 1
+    if attempts >= max then
+      reason = 'lease of consumer ' .. ARGV[1] .. ' expired; delivered ' .. attempts .. ' times (max_deliveries=' .. max .. ')'
+    else
+      redis.call('RPUSH', KEYS[3], 'amq1 ' .. id .. ' ' .. attempts .. string.sub(raw, e))
+      requeued = requeued + 1
+    end
+  else
+    reason = 'not an aioredmq envelope (found in the in-flight list of ' .. ARGV[1] .. ')'
+  end
+  if reason then
+    redis.call('LPUSH', KEYS[4], 'amqdead1 ' .. now .. ' ' .. #reason .. '\n' .. reason .. raw)
+    dead = dead + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+-- Keep an expired entry for a while: a partitioned consumer's last blocking move may still
+-- land in its in-flight list, and the next reap must find it.
+if deadline and tonumber(deadline) + tonumber(ARGV[3]) < now and #items == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return {requeued, dead}

@@ -1,0 +1,19 @@
+-- Move up to N of the oldest ready envelopes into one consumer's in-flight list and renew its lease.
+-- KEYS[1] ready list (oldest at the right)
+-- KEYS[2] the consumer's in-flight list (oldest at the right)
+-- KEYS[3] leases sorted set
+-- ARGV[1] how many to move at most (> 0)
+-- ARGV[2] consumer name
+-- ARGV[3] lease length, in ms
+-- Returns the moved envelopes, oldest first (an empty array when ready is empty).
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
+if not items then
+  return {}
+end
+for i = 1, #items, 4000 do
+  redis.call('LPUSH', KEYS[2], unpack(items, i, math.min(i + 3999, #items)))
+end
+return items

@@ -1,0 +1,108 @@
+"""A delivered message and what its holder may do with it: ack, nack, dead-letter."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import anyio
+
+from .envelope import Envelope
+from .errors import MessageStateError
+
+if TYPE_CHECKING:
+    from .consumer import Consumer
+
+__all__ = ("Message",)
+
+log = logging.getLogger("aioredmq.message")
+T = TypeVar("T")
+
+
+class Message(Generic[T]):
+    """One delivery of a message.
+
+    ``id`` is unique and time-ordered, and the same on every redelivery: use it to
+    deduplicate. ``deliveries`` counts this delivery too (1 on the first).
+    """
+
+    __slots__ = ("_consumer", "_settled", "_started", "body", "deliveries", "headers", "id", "published_at", "raw")
+
+    def __init__(self, consumer: Consumer[T], raw: bytes, env: Envelope, body: T) -> None:
+        self.id: str = env.id
+        self.body: T = body
+        self.headers: Mapping[str, str] = env.headers
+        self.deliveries: int = env.attempts + 1
+        self.published_at: float = env.published_ms / 1000.0
+        self.raw = raw
+        self._consumer = consumer
+        self._settled = False
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"<Message id={self.id} deliveries={self.deliveries}>"
+
+    @property
+    def settled(self) -> bool:
+        """True once acked, nacked or dead-lettered."""
+        return self._settled
+
+    def _claim(self, action: str) -> None:
+        if self._settled:
+            raise MessageStateError(f"cannot {action} message {self.id}: it was already settled")
+        self._settled = True
+
+    async def ack(self) -> None:
+        """Acknowledge: the message is done and leaves the queue.
+
+        Acks are batched: this returns once the ack is queued for the next flush, which
+        starts at once when idle. Closing the consumer flushes every pending ack.
+        """
+        self._claim("ack")
+        await self._consumer._settle_ack(self)
+
+    async def nack(self, *, delay_s: float | None = None, reason: str = "nacked") -> None:
+        """Give the message back for another try, or to dead-letter once it has had
+        ``max_deliveries`` deliveries. ``delay_s`` overrides the backoff policy (0: now)."""
+        self._claim("nack")
+        await self._consumer._settle_nack(self, delay_s, reason)
+
+    async def dead_letter(self, reason: str) -> None:
+        """Move the message to dead-letter at once, with ``reason``."""
+        self._claim("dead-letter")
+        await self._consumer._settle_dead(self, reason)
+
+    @contextlib.asynccontextmanager
+    async def process(self) -> AsyncIterator[Message[T]]:
+        """Ack when the block succeeds; nack (retry or dead-letter) when it raises.
+
+        An exception from the block is logged with the message id and not re-raised:
+        the message's fate records it, and one bad message must not end a consume loop.
+        Cancellation gives the message back to the front of the queue and propagates.
+        """
+        try:
+            yield self
+        except Exception as exc:
+            log.warning(
+                "handler failed for message %s (delivery %d): %r",
+                self.id,
+                self.deliveries,
+                exc,
+                exc_info=exc,
+                extra={"message_id": self.id, "deliveries": self.deliveries},
+            )
+            if not self._settled:
+                with anyio.CancelScope(shield=True):
+                    await self.nack(reason=f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            if not self._settled:
+                with anyio.CancelScope(shield=True):
+                    self._settled = True
+                    await self._consumer._settle_release(self)
+            raise
+        else:
+            if not self._settled:
+                with anyio.CancelScope(shield=True):
+                    await self.ack()

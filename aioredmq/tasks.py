@@ -1,0 +1,48 @@
+"""Background tasks owned by a long-lived object (a client or a consumer).
+
+These objects are opened in one task and may be closed in another (test fixtures,
+framework lifespans), so they cannot hold a task group open between ``__aenter__``
+and ``__aexit__``. They own their tasks instead: ``spawn`` keeps a reference and
+logs a crash; ``aclose`` cancels every task and waits until all have ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+__all__ = ("Tasks",)
+
+log = logging.getLogger("aioredmq")
+
+
+class Tasks:
+    def __init__(self, on_crash: Callable[[BaseException], None] | None = None) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_crash = on_crash
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s crashed", task.get_name(), exc_info=exc)
+            if self._on_crash is not None:
+                self._on_crash(exc)
+
+    async def aclose(self) -> None:
+        """Cancel every task and wait until all have ended (shielded from the caller's cancel)."""
+        with anyio.CancelScope(shield=True):
+            while self._tasks:
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
