@@ -29,6 +29,12 @@ from .errors import ClosedError, ConfigError
 from .keys import check_name
 from .tasks import Tasks
 
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is a dependency, but may be missing
+    _pack_command = None
+
 if TYPE_CHECKING:
     from .message import Message
     from .queue import Queue
@@ -41,6 +47,24 @@ T = TypeVar("T")
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
+
+
+class _HiredisPacking:
+    """Pack commands in C. redis-py's asyncio connections pack in Python, which costs
+    more than the round trip for a script call carrying a thousand envelopes."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # 'SCRIPT LOAD' is two arguments
+            args = (*args[0].split(), *args[1:])
+        assert _pack_command is not None  # _fast() uses this class only when hiredis is there
+        return [_pack_command(args)]
+
+
+def _fast(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` with C packing, when hiredis is there to do it."""
+    if _pack_command is None or issubclass(connection_class, _HiredisPacking):
+        return connection_class
+    return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 
 
 class _State(enum.Enum):
@@ -128,7 +152,7 @@ class Client:
         # A pool of one, not single_connection_client: redis-py's single-connection path
         # mishandles a command cancelled mid-read (it releases the connection twice).
         conn = Redis(
-            connection_pool=ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+            connection_pool=ConnectionPool(connection_class=_fast(pool.connection_class), max_connections=1, **kwargs)
         )
         self._dedicated.add(conn)
         return conn
@@ -234,4 +258,5 @@ def connect(
         )
     except ValueError as exc:
         raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
+    redis.connection_pool.connection_class = _fast(redis.connection_pool.connection_class)
     return Client(redis, owned=True, prefix=prefix)

@@ -43,7 +43,7 @@ from .errors import (
 from .keys import check_name
 from .message import Message
 from .scripts import script
-from .tasks import Tasks
+from .tasks import Tasks, cancel_and_wait
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -123,6 +123,7 @@ class Consumer(Generic[T]):
         self._timer_wake = asyncio.Event()
         self._next_due: float | None = None
         self._error: BaseException | None = None
+        self._stopped = False
         self._state = 0  # 0 new, 1 open, 2 closing/closed
         self._tasks = Tasks(on_crash=self._crashed)
         self._fetch_task: asyncio.Task[None] | None = None
@@ -173,8 +174,7 @@ class Consumer(Generic[T]):
         self._state = 2
         with anyio.CancelScope(shield=True):
             if self._fetch_task is not None:
-                self._fetch_task.cancel()
-                await asyncio.wait([self._fetch_task])
+                await cancel_and_wait(self._fetch_task)
             self._has_ready.set()  # wake iterators: they stop
             # Never handed out: back to the front in the same order, count unchanged.
             unstarted = list(self._ready)
@@ -213,8 +213,17 @@ class Consumer(Generic[T]):
     def __aiter__(self) -> Consumer[T]:
         return self
 
+    def stop_delivery(self) -> None:
+        """Hand out no more messages: iterators end; what is buffered returns on close."""
+        self._stopped = True
+        self._has_ready.set()
+
     async def __anext__(self) -> Message[T]:
+        if self._stopped:
+            raise StopAsyncIteration
         while not self._ready:
+            if self._stopped:
+                raise StopAsyncIteration
             if self._state != 1:
                 if self._state == 0:
                     raise ClosedError("the consumer is not open: use 'async with queue.consume()'")
@@ -309,11 +318,11 @@ class Consumer(Generic[T]):
 
     async def _return_orphans(self) -> None:
         listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
-        args: list[Any] = []
+        args: list[Any] = [0]
         for raw in listed:  # newest first: each goes to the front, so the oldest ends first
             if raw not in self._held:
                 args += (raw, b"F", raw, 0)
-        if args:
+        if len(args) > 1:
             await script("settle")(self.queue.client.redis, self._settle_keys, args)
 
     async def _recover_own_leftovers(self) -> None:
@@ -351,20 +360,19 @@ class Consumer(Generic[T]):
             self.stats.returned += 1
             self._enqueue(raw, b"F", with_attempts(raw, attempts), 0)
 
-    async def _settle_ack(self, msg: Message[T]) -> None:
+    def _settle_ack(self, msg: Message[T]) -> None:
         self.stats.acked += 1
-        self._enqueue(msg.raw, b"A", b"", 0)
+        # An ack names the delivery by id and attempt count, not by its (maybe large) bytes.
+        self._enqueue(msg.raw, b"A", b"%b %d" % (msg.id.encode(), msg.deliveries - 1), 0)
 
-    async def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
+    def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
         policy = self.queue.retry
         if msg.deliveries >= policy.max_deliveries:
             why = f"{reason}; delivered {msg.deliveries} times (max_deliveries={policy.max_deliveries})"
-            await self._settle_dead(msg, why)
+            self._settle_dead(msg, why)
             return
         self.stats.nacked += 1
         delay = policy.backoff_s(msg.deliveries) if delay_s is None else delay_s
-        if delay_s is not None:
-            check_positive("delay_s", delay_s, zero=True)
         retry = with_attempts(msg.raw, msg.deliveries)
         if delay <= 0:
             self._enqueue(msg.raw, b"B", retry, 0)
@@ -375,11 +383,11 @@ class Consumer(Generic[T]):
             self._next_due = due
             self._timer_wake.set()
 
-    async def _settle_dead(self, msg: Message[T], reason: str) -> None:
+    def _settle_dead(self, msg: Message[T], reason: str) -> None:
         self.stats.dead_lettered += 1
         self._enqueue(msg.raw, b"X", encode_dead(msg.raw, reason, _now_ms()), 0)
 
-    async def _settle_release(self, msg: Message[T]) -> None:
+    def _settle_release(self, msg: Message[T]) -> None:
         self._enqueue_release(msg.raw, reason="handler cancelled")
 
     async def _settle_loop(self) -> None:
@@ -407,14 +415,18 @@ class Consumer(Generic[T]):
 
     async def _flush_settles(self) -> None:
         batch = self._settles[:_MAX_SETTLE_BATCH]
-        args: list[Any] = []
-        for item in batch:
+        acks = [item for item in batch if item[1] == b"A"]
+        others = [item for item in batch if item[1] != b"A"]
+        args: list[Any] = [len(acks)]
+        args += [tag for _, _, tag, _ in acks]
+        for item in others:
             args += item
         with anyio.CancelScope(shield=True):
             late = await script("settle")(self.queue.client.redis, self._settle_keys, args)
         del self._settles[: len(batch)]
+        ordered = acks + others
         for position in late:
-            raw = batch[position - 1][0]
+            raw = ordered[position - 1][0]
             self.stats.late_settles += 1
             msg = self._held.get(raw)
             log.warning(

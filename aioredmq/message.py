@@ -7,8 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-import anyio
-
+from .config import check_positive
 from .envelope import Envelope
 from .errors import MessageStateError
 
@@ -61,18 +60,20 @@ class Message(Generic[T]):
         starts at once when idle. Closing the consumer flushes every pending ack.
         """
         self._claim("ack")
-        await self._consumer._settle_ack(self)
+        self._consumer._settle_ack(self)
 
     async def nack(self, *, delay_s: float | None = None, reason: str = "nacked") -> None:
         """Give the message back for another try, or to dead-letter once it has had
         ``max_deliveries`` deliveries. ``delay_s`` overrides the backoff policy (0: now)."""
+        if delay_s is not None:
+            check_positive("delay_s", delay_s, zero=True)
         self._claim("nack")
-        await self._consumer._settle_nack(self, delay_s, reason)
+        self._consumer._settle_nack(self, delay_s, reason)
 
     async def dead_letter(self, reason: str) -> None:
         """Move the message to dead-letter at once, with ``reason``."""
         self._claim("dead-letter")
-        await self._consumer._settle_dead(self, reason)
+        self._consumer._settle_dead(self, reason)
 
     @contextlib.asynccontextmanager
     async def process(self) -> AsyncIterator[Message[T]]:
@@ -81,6 +82,8 @@ class Message(Generic[T]):
         An exception from the block is logged with the message id and not re-raised:
         the message's fate records it, and one bad message must not end a consume loop.
         Cancellation gives the message back to the front of the queue and propagates.
+        Settling only queues the settle (the consumer's flusher sends it), so nothing here
+        awaits I/O and a cancellation cannot cut a settle in half.
         """
         try:
             yield self
@@ -94,15 +97,14 @@ class Message(Generic[T]):
                 extra={"message_id": self.id, "deliveries": self.deliveries},
             )
             if not self._settled:
-                with anyio.CancelScope(shield=True):
-                    await self.nack(reason=f"{type(exc).__name__}: {exc}")
+                self._claim("nack")
+                self._consumer._settle_nack(self, None, f"{type(exc).__name__}: {exc}")
         except BaseException:
             if not self._settled:
-                with anyio.CancelScope(shield=True):
-                    self._settled = True
-                    await self._consumer._settle_release(self)
+                self._claim("give back")
+                self._consumer._settle_release(self)
             raise
         else:
             if not self._settled:
-                with anyio.CancelScope(shield=True):
-                    await self.ack()
+                self._claim("ack")
+                self._consumer._settle_ack(self)

@@ -1,10 +1,11 @@
 """The handler runner: a concurrency limit, a handler timeout, retries and a graceful stop.
 
-``concurrency`` worker tasks pull from one consumer (no task per message). A handler
-runs in a shielded cancel scope, so cancelling the runner does not cut it short:
-fetching stops, running handlers get ``grace_s`` to finish, the ones still running
-then are cancelled and their messages given back, and the consumer's close returns
-every prefetched message that never started. Cancellation always propagates.
+``concurrency`` worker tasks pull from one consumer (no task per message). The
+workers run under one shielded cancel scope, so cancelling the runner does not cut
+handlers short: delivery stops at once, running handlers get ``grace_s`` to finish
+(the shielded scope's deadline), the ones still running then are cancelled and their
+messages given back, and the consumer's close returns every prefetched message that
+never started. Cancellation always propagates to the caller.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 from .config import check_positive
+from .consumer import Consumer
 from .message import Message
 
 if TYPE_CHECKING:
@@ -46,12 +47,26 @@ async def run(
     check_positive("grace_s", grace_s, zero=True)
     if handler_timeout_s is not None:
         check_positive("handler_timeout_s", handler_timeout_s)
-    running: set[anyio.CancelScope] = set()
-    stop_at: list[float] = []
-
     async with queue.consume(prefetch=prefetch or 2 * concurrency, name=name) as consumer:
+        shield = anyio.CancelScope(shield=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, shield)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                consumer.stop_delivery()
+                shield.deadline = anyio.current_time() + grace_s
 
-        async def call(msg: Message[T]) -> None:
+
+async def _workers(
+    consumer: Consumer[T],
+    handler: Callable[[Message[T]], Awaitable[object]],
+    concurrency: int,
+    handler_timeout_s: float | None,
+    shield: anyio.CancelScope,
+) -> None:
+    async def worker() -> None:
+        async for msg in consumer:
             async with msg.process():
                 if handler_timeout_s is None:
                     await handler(msg)
@@ -59,31 +74,7 @@ async def run(
                     with anyio.fail_after(handler_timeout_s):
                         await handler(msg)
 
-        async def worker() -> None:
-            while True:
-                # A buffered message is returned without a checkpoint: check here, so no
-                # handler starts once the runner is cancelled.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    msg = await consumer.__anext__()
-                except StopAsyncIteration:
-                    return
-                with anyio.CancelScope(shield=True) as scope:
-                    if stop_at:
-                        scope.deadline = stop_at[0]
-                    running.add(scope)
-                    try:
-                        await call(msg)
-                    finally:
-                        running.discard(scope)
-
+    with shield:
         async with anyio.create_task_group() as tg:
             for i in range(concurrency):
-                tg.start_soon(worker, name=f"aioredmq-worker-{queue.name}-{i}")
-            try:
-                await anyio.sleep_forever()
-            except anyio.get_cancelled_exc_class():
-                stop_at.append(anyio.current_time() + grace_s)
-                for scope in running:
-                    scope.deadline = stop_at[0]
-                raise
+                tg.start_soon(worker, name=f"aioredmq-worker-{consumer.queue.name}-{i}")

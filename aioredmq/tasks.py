@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ("Tasks",)
+__all__ = ("Tasks", "cancel_and_wait")
 
 log = logging.getLogger("aioredmq")
 
@@ -40,9 +40,16 @@ class Tasks:
 
     async def aclose(self) -> None:
         """Cancel every task and wait until all have ended (shielded from the caller's cancel)."""
-        with anyio.CancelScope(shield=True):
-            while self._tasks:
-                tasks = list(self._tasks)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.wait(tasks)
+        while self._tasks:
+            await cancel_and_wait(*self._tasks)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel until done. redis-py can absorb a cancel that lands while a command starts
+    (the command then runs to its end, a whole blocking timeout), so one is not enough."""
+    with anyio.CancelScope(shield=True):
+        pending = set(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.05)

@@ -1,23 +1,53 @@
 -- Settle messages a consumer holds: each leaves the in-flight list and, if it was still
--- there, goes where the action says. A message already gone (its lease was lost and it was
--- recovered elsewhere) is left alone, so a late settle never creates a duplicate.
--- KEYS[1] the consumer's in-flight list
+-- there, goes where its action says. A message already gone (its lease was lost and it was
+-- recovered elsewhere) is left alone, so a late or resent settle never creates a duplicate.
+-- KEYS[1] the consumer's in-flight list (oldest at the right)
 -- KEYS[2] ready list
 -- KEYS[3] delayed sorted set
 -- KEYS[4] dead-letter list
--- ARGV, four per message: held envelope, action, new value, score
---   action 'A' ack: nothing more
+-- ARGV[1] k, the number of plain acks
+-- ARGV[2 .. k+1] acks, each the tag '<id> <attempts>' naming one delivery exactly; acks
+--   arrive mostly oldest first, so most are found at the right end and popped
+-- ARGV[k+2 ..], four per other settle: held envelope, action, new value, score
 --   action 'F' to the front of ready (next in line); new value is the envelope to push
 --   action 'B' to the back of ready
 --   action 'D' to delayed, due <score> ms from now (by the server's clock)
 --   action 'X' to dead-letter; new value is the dead-letter record
--- Returns the 1-based positions (in messages) of those that were no longer in flight.
+-- Returns the 1-based positions (acks first, then the others) of messages no longer in flight.
+local inflight = KEYS[1]
+local k = tonumber(ARGV[1])
+local late = {}
+local missed = {}
+for i = 2, k + 1 do
+  local prefix = 'amq1 ' .. ARGV[i] .. ' '
+  local tail = redis.call('LINDEX', inflight, -1)
+  if tail and string.sub(tail, 1, #prefix) == prefix then
+    redis.call('RPOP', inflight)
+  else
+    missed[#missed + 1] = i
+  end
+end
+if #missed > 0 then
+  -- Out of order: one look at the whole list (at most prefetch entries) finds the rest.
+  local by_tag = {}
+  for _, raw in ipairs(redis.call('LRANGE', inflight, 0, -1)) do
+    local tag = string.match(raw, '^amq1 (%x+ %d+) ')
+    if tag then
+      by_tag[tag] = raw
+    end
+  end
+  for _, i in ipairs(missed) do
+    local raw = by_tag[ARGV[i]]
+    if not raw or redis.call('LREM', inflight, -1, raw) == 0 then
+      late[#late + 1] = i - 1
+    end
+  end
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local late = {}
-for i = 1, #ARGV, 4 do
-  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 0 then
-    late[#late + 1] = (i + 3) / 4
+for i = k + 2, #ARGV, 4 do
+  if redis.call('LREM', inflight, -1, ARGV[i]) == 0 then
+    late[#late + 1] = k + (i - k + 2) / 4
   else
     local action = ARGV[i + 1]
     if action == 'F' then
