@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pkgutil
+
 import aioredmq
 
 
@@ -13,8 +15,7 @@ def test_all_names_exist_and_are_sorted() -> None:
 
 def test_exported_members_are_public_objects() -> None:
     public = {n for n in dir(aioredmq) if not n.startswith("_")}
-    modules = {"client", "codecs", "commands", "config", "consumer", "envelope", "errors", "ids"}
-    modules |= {"keys", "message", "producer", "queue", "runner", "scripts", "testing", "cli"}
+    modules = {m.name for m in pkgutil.iter_modules(aioredmq.__path__)}
     assert public - set(aioredmq.__all__) - modules == set()
     for name in aioredmq.__all__:
         obj = getattr(aioredmq, name)

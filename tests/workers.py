@@ -1,0 +1,47 @@
+"""Handlers for worker subprocesses started by the crash tests (``python -m aioredmq worker tests.workers:...``).
+
+Each handler records what it sees in plain Redis lists, through its own connection to
+the URL in ``AIOREDMQ_TEST_URL``, as ``"<message id> <deliveries>"``:
+
+* ``crash_handler`` pushes to ``STARTED`` when it starts, then sleeps a little, so a
+  worker killed at any moment is in the middle of a batch;
+* ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+import aioredmq
+
+STARTED = "test:started"
+DONE = "test:done"
+URL_ENV = "AIOREDMQ_TEST_URL"
+
+_redis: aioredis.Redis | None = None
+
+
+def _client() -> aioredis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = aioredis.Redis.from_url(os.environ[URL_ENV])
+    return _redis
+
+
+async def _record(key: str, msg: aioredmq.Message[Any]) -> None:
+    await _client().rpush(key, f"{msg.id} {msg.deliveries}")
+
+
+async def crash_handler(msg: aioredmq.Message[Any]) -> None:
+    await _record(STARTED, msg)
+    await anyio.sleep(0.05)
+
+
+async def slow_handler(msg: aioredmq.Message[Any]) -> None:
+    await _record(STARTED, msg)
+    await anyio.sleep(0.2)
+    await _record(DONE, msg)
