@@ -128,6 +128,9 @@ class Consumer(Generic[T]):
         self._tasks = Tasks(on_crash=self._crashed)
         self._fetch_task: asyncio.Task[None] | None = None
         self._conn: Redis | None = None
+        # While _adopt_orphans waits for its LRANGE: envelopes that settles removed meanwhile.
+        # The listing may predate their removal, so they must not be taken for orphans.
+        self._settled_while_listing: set[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -309,8 +312,13 @@ class Consumer(Generic[T]):
 
     async def _adopt_orphans(self) -> None:
         """After a lost reply: what our in-flight list holds that we do not know is ours."""
-        listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
-        orphans = [raw for raw in reversed(listed) if raw not in self._held]
+        settled: set[bytes] = set()
+        self._settled_while_listing = settled
+        try:
+            listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
+        finally:
+            self._settled_while_listing = None
+        orphans = [raw for raw in reversed(listed) if raw not in self._held and raw not in settled]
         if orphans:
             self.stats.adopted += len(orphans)
             log.info("consumer %s adopted %d message(s) moved by a lost reply", self.name, len(orphans))
@@ -434,8 +442,11 @@ class Consumer(Generic[T]):
                 self.name,
                 msg.id if msg is not None else "?",
             )
+        listing = self._settled_while_listing
         for raw, *_ in batch:
             self._held.pop(raw, None)
+            if listing is not None:
+                listing.add(raw)
         self._room.set()
 
     # -- timer: heartbeat, reap, promote ---------------------------------------------
