@@ -113,7 +113,7 @@ def translate(exc: BaseException, *, keys: tuple[str, ...] = ()) -> AioredmqErro
         return RedisTimeoutError(f"Redis did not answer in time{where}: {exc}")
     if isinstance(exc, rex.ConnectionError):
         return ConnectionLostError(f"lost the connection to Redis{where}: {exc}")
-    if isinstance(exc, rex.RedisClusterException):
+    if isinstance(exc, (rex.RedisClusterException, rex.ClusterError)):
         return ClusterError(f"Redis Cluster error{where}: {exc}")
     text = str(exc)
     if "WRONGTYPE" in text:
@@ -131,5 +131,5 @@ def mapped(*keys: str) -> Iterator[None]:
     """Re-raise redis-py errors raised inside the block as aioredmq errors."""
     try:
         yield
-    except rex.RedisError as exc:
+    except (rex.RedisError, rex.RedisClusterException) as exc:  # the latter is no RedisError
         raise translate(exc, keys=keys) from exc

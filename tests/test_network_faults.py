@@ -373,3 +373,26 @@ async def test_an_ack_settled_while_adopting_is_not_delivered_again(
             await m.ack()
     stats = await queue.stats()
     assert (stats.ready, stats.in_flight) == (30 - len(first) - len(again), 0)
+
+
+async def test_a_full_producer_buffer_makes_publish_wait_and_loses_nothing(
+    proxy: FaultProxy, pmq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    queue = pmq.queue("bounded", max_buffered=10)
+    await queue.publish("warm-up")  # opens the pooled connection before the stall
+    proxy.pause()  # Redis stops answering: the first batch stays in flight
+    done: list[str] = []
+
+    async def one(i: int) -> None:
+        done.append(await queue.publish(i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(35):
+            tg.start_soon(one, i)
+        await wait_for(lambda: queue.producer._buffered == 10, 5, "a full buffer")
+        await anyio.sleep(0.2)
+        assert queue.producer._buffered == 10, "the buffer never holds more than max_buffered"
+        assert done == []
+        proxy.resume()
+    assert len(done) == 35
+    assert await raw.llen(queue.keys.ready) == 36

@@ -1,0 +1,87 @@
+"""The Lua scripts on their own: what each does at its edges.
+
+Against the real server, except the publish script's dedupe, whose commands
+(GET, SET PX, LPUSH) fakeredis runs faithfully.
+"""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from aioredmq.envelope import decode, decode_dead, encode
+from aioredmq.ids import new_id
+from aioredmq.keys import QueueKeys
+from aioredmq.scripts import script
+
+K = QueueKeys("aioredmq", "s")
+
+
+def envelope(attempts: int = 0) -> bytes:
+    return encode(new_id(), attempts, 1, "json", None, b"1")
+
+
+async def reap(raw: aioredis.Redis, consumer: str, max_deliveries: int = 3, keep_ms: int = 1000) -> list[int]:
+    keys = (K.leases, K.inflight(consumer), K.ready, K.dead)
+    result: list[int] = await script("reap")(raw, keys, (consumer, max_deliveries, keep_ms))
+    return result
+
+
+async def test_reap_leaves_a_live_consumer_alone(raw: aioredis.Redis) -> None:
+    await raw.zadd(K.leases, {"alive": 2**50})
+    await raw.lpush(K.inflight("alive"), envelope())
+    assert await reap(raw, "alive") == [-1, 0]
+    assert await raw.llen(K.inflight("alive")) == 1
+
+
+async def test_reap_returns_in_order_counts_and_dead_letters(raw: aioredis.Redis) -> None:
+    await raw.rpush(K.ready, b"next-in-line-before")
+    fresh, last_try = envelope(0), envelope(2)
+    # In-flight holds oldest at the right: fresh (oldest), garbage, last_try (newest).
+    await raw.lpush(K.inflight("gone"), fresh, b"\x00garbage", last_try)
+    await raw.zadd(K.leases, {"gone": 1})
+    assert await reap(raw, "gone") == [1, 2]
+    front = await raw.lindex(K.ready, -1)
+    assert front is not None
+    assert (decode(front).id, decode(front).attempts) == (decode(fresh).id, 1)
+    reasons = sorted(decode_dead(r).reason for r in await raw.lrange(K.dead, 0, -1))
+    assert "delivered 3 times (max_deliveries=3)" in reasons[0]
+    assert reasons[1].startswith("not an aioredmq envelope")
+    assert not await raw.exists(K.inflight("gone"))
+    assert await raw.zscore(K.leases, "gone") == 1, "kept a while: a late BLMOVE may still land"
+
+
+async def test_reap_forgets_an_expired_empty_lease_after_the_grace(raw: aioredis.Redis) -> None:
+    await raw.zadd(K.leases, {"long-gone": 1})
+    assert await reap(raw, "long-gone") == [0, 0]
+    assert await raw.zscore(K.leases, "long-gone") is None
+
+
+async def test_promote_moves_only_what_is_due(raw: aioredis.Redis) -> None:
+    due, later = envelope(), envelope()
+    await raw.zadd(K.delayed, {due: 1, later: 2**50})
+    moved, next_ms = await script("promote")(raw, (K.delayed, K.ready), (100,))
+    assert moved == 1
+    assert next_ms > 10**9
+    assert await raw.lrange(K.ready, 0, -1) == [due]
+
+
+def test_publish_applies_a_batch_once_per_sequence() -> None:
+    r = fakeredis.FakeStrictRedis()
+    publish = r.register_script(script("publish").source)
+    ready, seq = K.ready, K.producer("p1")
+    assert publish(keys=[ready, seq], args=[1, 60_000, b"a", b"b"]) == 2
+    assert publish(keys=[ready, seq], args=[1, 60_000, b"a", b"b"]) == -1, "a resend is dropped"
+    assert publish(keys=[ready, seq], args=[2, 60_000, b"c"]) == 1
+    assert r.lrange(ready, 0, -1) == [b"c", b"b", b"a"]
+    assert 0 < r.pttl(seq) <= 60_000
+
+
+@pytest.mark.parametrize("n", [1, 3999, 4000, 4001, 9000])
+async def test_publish_and_take_handle_batches_past_the_lua_stack_limit(raw: aioredis.Redis, n: int) -> None:
+    envs = [envelope() for _ in range(n)]
+    assert await script("publish")(raw, (K.ready, K.producer("big")), (1, 1000, *envs)) == n
+    taken = await script("take")(raw, (K.ready, K.inflight("c"), K.leases), (n + 5, "c", 1000))
+    assert taken == envs, "oldest first"
+    assert await raw.lrange(K.inflight("c"), -1, -1) == [envs[0]], "oldest at the right"
