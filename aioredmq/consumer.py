@@ -8,8 +8,9 @@ Three tasks run per consumer:
   happened) is repaired by adopting whatever sits in the in-flight list unknown to us.
 * **settle**: acks, nacks, dead-letters and returns are queued and sent together as
   one ``settle`` script call; a message leaves the held set only once Redis confirms.
-* **timer**: heartbeats the lease, reaps consumers whose lease expired, and moves due
-  retries from the delayed set to ready, waking at the earliest due time it knows of.
+* **timer**: one ``heartbeat`` script call renews the lease, moves due retries from the
+  delayed set to ready and names expired consumers, which it then reaps; it runs every
+  ``lease_s / 3`` and at the earliest due time it knows of.
 
 Closing stops the fetch, returns what was never handed out to the front of ready
 (delivery count unchanged), returns what was handed out but not settled (count raised),
@@ -142,7 +143,7 @@ class Consumer(Generic[T]):
         self._state = 1
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         try:
-            await self._heartbeat()
+            await self._tick()
             await self._recover_own_leftovers()
         except BaseException:
             self._state = 2
@@ -253,6 +254,7 @@ class Consumer(Generic[T]):
         take = script("take")
         ready, inflight = self.queue.keys.ready, self._inflight
         failures = 0
+        idle = False
         # Loop on state, not only on cancellation: redis-py turns a cancel that lands in a
         # blocking read into a ConnectionError, which would otherwise look transient.
         while self._state == 1:
@@ -262,18 +264,25 @@ class Consumer(Generic[T]):
             try:
                 if failures:
                     await self._adopt_orphans()
-                items = await take(conn, self._take_keys, (self.prefetch - len(self._held), self.name, self._lease_ms))
+                items = (
+                    []
+                    if idle
+                    else await take(conn, self._take_keys, (self.prefetch - len(self._held), self.name, self._lease_ms))
+                )
                 if not items:
                     item = await execute(
                         conn, "BLMOVE", ready, inflight, "RIGHT", "LEFT", self.block_s, keys=(ready, inflight)
                     )
-                    if item is None:
+                    # Timed out: ready stayed empty, so block again without a take in between.
+                    idle = item is None
+                    if idle:
                         continue
                     items = [item]
                 failures = 0
             except _TRANSIENT as exc:
                 if self._state != 1:
                     return
+                idle = False
                 failures += 1
                 self.stats.connection_errors += 1
                 delay = min(0.05 * 2**failures, 2.0)
@@ -451,12 +460,18 @@ class Consumer(Generic[T]):
 
     # -- timer: heartbeat, reap, promote ---------------------------------------------
 
-    async def _heartbeat(self) -> list[bytes]:
+    async def _tick(self) -> list[bytes]:
+        """Renew the lease and move due retries; return the consumers whose lease expired."""
         keys = self.queue.keys
-        expired: list[bytes] = await script("heartbeat")(
-            self.queue.client.redis, (keys.leases,), (self.name, self._lease_ms, _REAP_BATCH)
+        moved, next_ms, *expired = await script("heartbeat")(
+            self.queue.client.redis,
+            (keys.leases, keys.delayed, keys.ready),
+            (self.name, self._lease_ms, _REAP_BATCH, 1000),
         )
-        return expired
+        if moved:
+            log.debug("consumer %s: %d due retries moved to ready", self.name, moved)
+        self._next_due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
+        return list(expired)
 
     async def _reap(self, consumer: str) -> None:
         keys = self.queue.keys
@@ -475,27 +490,18 @@ class Consumer(Generic[T]):
                 dead,
             )
 
-    async def _promote(self) -> None:
-        keys = self.queue.keys
-        moved, next_ms = await script("promote")(self.queue.client.redis, (keys.delayed, keys.ready), (1000,))
-        if moved:
-            log.debug("consumer %s: %d due retries moved to ready", self.name, moved)
-        self._next_due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
-
     async def _timer_loop(self) -> None:
         interval = self.queue.lease_s / 3
         next_beat = time.monotonic() + interval
         while self._state == 1:
             now = time.monotonic()
             try:
-                if now >= next_beat:
-                    next_beat = now + interval
-                    for name in await self._heartbeat():
+                if now >= next_beat or (self._next_due is not None and now >= self._next_due):
+                    if now >= next_beat:
+                        next_beat = now + interval
+                    for name in await self._tick():
                         if name.decode() != self.name:
                             await self._reap(name.decode())
-                    await self._promote()
-                elif self._next_due is not None and now >= self._next_due:
-                    await self._promote()
             except _TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)

@@ -58,13 +58,16 @@ async def test_reap_forgets_an_expired_empty_lease_after_the_grace(raw: aioredis
     assert await raw.zscore(K.leases, "long-gone") is None
 
 
-async def test_promote_moves_only_what_is_due(raw: aioredis.Redis) -> None:
+async def test_heartbeat_moves_only_what_is_due_and_names_expired_consumers(raw: aioredis.Redis) -> None:
     due, later = envelope(), envelope()
     await raw.zadd(K.delayed, {due: 1, later: 2**50})
-    moved, next_ms = await script("promote")(raw, (K.delayed, K.ready), (100,))
+    await raw.zadd(K.leases, {"expired": 1, "alive": 2**50})
+    moved, next_ms, *expired = await script("heartbeat")(raw, (K.leases, K.delayed, K.ready), ("me", 5000, 16, 100))
     assert moved == 1
     assert next_ms > 10**9
+    assert expired == [b"expired"]
     assert await raw.lrange(K.ready, 0, -1) == [due]
+    assert await raw.zscore(K.leases, "me") is not None
 
 
 def test_publish_applies_a_batch_once_per_sequence() -> None:
