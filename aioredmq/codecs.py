@@ -59,7 +59,7 @@ class JsonCodec:
     def decode(self, data: bytes) -> Any:
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from exc
 
 

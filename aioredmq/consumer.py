@@ -104,7 +104,9 @@ class Consumer(Generic[T]):
         self.queue = queue
         self.name = check_name("name", name) if name is not None else default_consumer_name()
         self.prefetch = prefetch
-        self.block_s = block_s
+        # A blocking wait must end well inside the lease: the reaper forgets an expired, empty
+        # lease after one more lease, and a dead consumer's BLMOVE landing later would be lost.
+        self.block_s = min(block_s, queue.lease_s / 3)
         self.close_timeout_s = close_timeout_s
         self.stats = ConsumerStats()
         keys = queue.keys
@@ -112,6 +114,9 @@ class Consumer(Generic[T]):
         self._take_keys = (keys.ready, self._inflight, keys.leases)
         self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead)
         self._lease_ms = int(queue.lease_s * 1000)
+        # Take at most half the prefetch per call: the next batch is on its way while this
+        # one is handled, instead of fetch, handle and settle taking turns.
+        self._take_max = max(1, prefetch // 2)
         # raw envelope -> its message (None until decoded), for everything in our in-flight list
         self._held: dict[bytes, Message[T] | None] = {}
         self._ready: deque[Message[T]] = deque()
@@ -193,14 +198,17 @@ class Consumer(Generic[T]):
                     held._settled = True
                     self._enqueue_release(raw)
             clean = False
-            with anyio.move_on_after(self.close_timeout_s):
-                await self._settled_all.wait()
-                # A blocking move cancelled above may still have landed: hand it back.
-                await self._return_orphans()
-                await script("deregister")(
-                    self.queue.client.redis, (self.queue.keys.leases, self._inflight), (self.name,)
-                )
-                clean = True
+            try:
+                with anyio.move_on_after(self.close_timeout_s):
+                    await self._settled_all.wait()
+                    # A blocking move cancelled above may still have landed: hand it back.
+                    await self._return_orphans()
+                    await script("deregister")(
+                        self.queue.client.redis, (self.queue.keys.leases, self._inflight), (self.name,)
+                    )
+                    clean = True
+            except AioredmqError as exc:
+                log.warning("consumer %s: close could not finish in Redis: %s", self.name, exc)
             if not clean:
                 log.warning(
                     "consumer %s closed before every settle reached Redis; %d message(s) "
@@ -208,9 +216,11 @@ class Consumer(Generic[T]):
                     self.name,
                     len(self._held),
                 )
-            await self._tasks.aclose()
-            if self._conn is not None:
-                await self.queue.client.release_dedicated(self._conn)
+            try:
+                await self._tasks.aclose()
+            finally:
+                if self._conn is not None:
+                    await self.queue.client.release_dedicated(self._conn)
 
     # -- iteration -------------------------------------------------------------------
 
@@ -223,7 +233,7 @@ class Consumer(Generic[T]):
         self._has_ready.set()
 
     async def __anext__(self) -> Message[T]:
-        if self._stopped:
+        if self._stopped or self._state == 2:
             raise StopAsyncIteration
         while not self._ready:
             if self._stopped:
@@ -264,11 +274,10 @@ class Consumer(Generic[T]):
             try:
                 if failures:
                     await self._adopt_orphans()
-                items = (
-                    []
-                    if idle
-                    else await take(conn, self._take_keys, (self.prefetch - len(self._held), self.name, self._lease_ms))
-                )
+                    failures = 0
+                    continue  # adoption may have filled the room: check it again
+                room = min(self.prefetch - len(self._held), self._take_max)
+                items = [] if idle else await take(conn, self._take_keys, (room, self.name, self._lease_ms))
                 if not items:
                     item = await execute(
                         conn, "BLMOVE", ready, inflight, "RIGHT", "LEFT", self.block_s, keys=(ready, inflight)
@@ -308,7 +317,7 @@ class Consumer(Generic[T]):
                 if env.codec != codec.name:
                     raise DecodeError(f"body was written with codec {env.codec!r}; this queue uses {codec.name!r}")
                 body = codec.decode(env.body)
-            except DecodeError as exc:
+            except (DecodeError, RecursionError) as exc:
                 self.stats.dead_lettered += 1
                 log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
                 self._enqueue(raw, b"X", encode_dead(raw, f"undecodable: {exc}", _now_ms()), 0)
@@ -423,11 +432,14 @@ class Consumer(Generic[T]):
                     delay = min(0.05 * 2**failures, 2.0)
                     log.warning("consumer %s: settle failed (%s); retrying in %.2fs", self.name, exc, delay)
                     await anyio.sleep(delay)
-                except AioredmqError:
-                    log.exception("consumer %s: settle refused; messages return when the lease expires", self.name)
-                    for raw, *_ in self._settles:
-                        self._held.pop(raw, None)
-                    self._settles.clear()
+                except AioredmqError as exc:
+                    # Refused (BUSY, READONLY, NOREPLICAS, MISCONF, ...). Dropping the batch would
+                    # leave it in our in-flight list, which no reaper looks at while we renew the
+                    # lease. Settles are idempotent: retry, slowly.
+                    failures += 1
+                    delay = min(0.05 * 2**failures, 5.0)
+                    log.error("consumer %s: settle refused (%s); retrying in %.2fs", self.name, exc, delay)
+                    await anyio.sleep(delay)
             self._settled_all.set()
 
     async def _flush_settles(self) -> None:
@@ -505,6 +517,7 @@ class Consumer(Generic[T]):
             except _TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)
+                self._next_due = None  # learn it again from the next successful tick
             except AioredmqError:
                 log.exception("consumer %s: heartbeat failed", self.name)
             wake = next_beat if self._next_due is None else min(next_beat, self._next_due)

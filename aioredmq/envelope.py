@@ -93,7 +93,7 @@ def decode(raw: bytes) -> Envelope:
     if n_header:
         try:
             parsed: Any = json.loads(raw[start : start + n_header])
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"envelope headers are not JSON: {exc}") from exc
         if not isinstance(parsed, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()

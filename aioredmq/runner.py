@@ -41,13 +41,14 @@ async def run(
 
     A handler that returns acks its message; one that raises (or exceeds
     ``handler_timeout_s``) nacks it: retried with backoff, dead-lettered after
-    ``max_deliveries``. ``prefetch`` defaults to twice ``concurrency``.
+    ``max_deliveries``. ``prefetch`` defaults to twice ``concurrency``, and at least 64: a
+    handful of messages per round trip costs more in round trips than it saves.
     """
     check_positive("concurrency", concurrency, integer=True)
     check_positive("grace_s", grace_s, zero=True)
     if handler_timeout_s is not None:
         check_positive("handler_timeout_s", handler_timeout_s)
-    async with queue.consume(prefetch=prefetch or 2 * concurrency, name=name) as consumer:
+    async with queue.consume(prefetch=prefetch or max(2 * concurrency, 64), name=name) as consumer:
         shield = anyio.CancelScope(shield=True)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, shield)

@@ -285,8 +285,8 @@ async def test_lost_take_reply_is_repaired_by_adopting_orphans(
     async with queue.consume(prefetch=10, block_s=0.2) as consumer:
         seen = await consume_all(consumer, published)
         assert fault.fired == 1
-        assert fault.replies[0].startswith(b"*10\r\n")
-        assert consumer.stats.adopted == 10
+        assert fault.replies[0].startswith(b"*5\r\n"), "a take moves half the prefetch"
+        assert consumer.stats.adopted == 5
         assert consumer.stats.connection_errors >= 1
     assert set(seen) == published
     assert max(seen.values()) == 1  # adoption delivers each orphan once
