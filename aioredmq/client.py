@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - hiredis is a dependency, but may be mi
     _pack_command = None
 
 if TYPE_CHECKING:
+    from .consumer import Consumer
     from .message import Message
     from .queue import Queue
 
@@ -89,6 +90,7 @@ class Client:
         self._state = _State.UNOPENED
         self._tasks = Tasks()
         self._queues: dict[str, Queue[Any]] = {}
+        self.consumers: set[Consumer[Any]] = set()  # open ones; closed before the pools
         self._dedicated: set[Redis] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -116,6 +118,9 @@ class Client:
         with anyio.CancelScope(shield=True):
             try:
                 if was_open:
+                    # Consumers first: they give back what they hold while Redis is reachable.
+                    for consumer in list(self.consumers):
+                        await consumer.aclose()
                     for queue in list(self._queues.values()):
                         await queue.producer.aclose()
             finally:
@@ -241,6 +246,11 @@ def connect(
     used as it is (including its retry policy) and stays open after ``mq`` closes.
     """
     if isinstance(url_or_client, Redis):
+        if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ConfigError(
+                "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
+                "(message bodies are binary): pass a client made with decode_responses=False"
+            )
         return Client(url_or_client, owned=False, prefix=prefix)
     if not isinstance(url_or_client, str):
         raise ConfigError(f"url_or_client={url_or_client!r} must be a redis:// URL or a redis.asyncio.Redis")

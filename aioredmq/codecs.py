@@ -55,6 +55,8 @@ class JsonCodec:
             return self._dumps(body).encode()
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"body is not JSON-serialisable: {exc}") from exc
+        except RecursionError as exc:  # the cached encoder does not track cycles
+            raise TypeError("body is not JSON-serialisable: it is circular or nested too deeply") from exc
 
     def decode(self, data: bytes) -> Any:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -12,8 +13,8 @@ __all__ = ("RetryPolicy", "check_positive")
 
 def check_positive(knob: str, value: float, *, integer: bool = False, zero: bool = False) -> None:
     """Raise :class:`ConfigError` naming ``knob`` unless ``value`` is a positive number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(f"{knob}={value!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{knob}={value!r} must be a finite number")
     if integer and not isinstance(value, int):
         raise ConfigError(f"{knob}={value!r} must be a whole number")
     if value < 0 or (value == 0 and not zero):

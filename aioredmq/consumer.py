@@ -37,6 +37,7 @@ from .envelope import decode, encode_dead, with_attempts
 from .errors import (
     AioredmqError,
     ClosedError,
+    ConfigError,
     ConnectionLostError,
     DecodeError,
     RedisTimeoutError,
@@ -58,6 +59,7 @@ T = TypeVar("T")
 
 _TRANSIENT = (ConnectionLostError, RedisTimeoutError)
 _MAX_SETTLE_BATCH = 1000
+_MAX_SETTLE_BYTES = 8 * 1024 * 1024
 _REAP_BATCH = 16
 
 
@@ -130,6 +132,7 @@ class Consumer(Generic[T]):
         self._next_due: float | None = None
         self._error: BaseException | None = None
         self._stopped = False
+        self._look_for_orphans = False
         self._state = 0  # 0 new, 1 open, 2 closing/closed
         self._tasks = Tasks(on_crash=self._crashed)
         self._fetch_task: asyncio.Task[None] | None = None
@@ -147,11 +150,13 @@ class Consumer(Generic[T]):
         client.check_open()
         self._state = 1
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
+        client.consumers.add(self)
         try:
             await self._tick()
             await self._recover_own_leftovers()
         except BaseException:
             self._state = 2
+            client.consumers.discard(self)
             await client.release_dedicated(self._conn)
             raise
         self._fetch_task = self._tasks.spawn(self._fetch_loop(), f"aioredmq-fetch-{self.name}")
@@ -219,6 +224,7 @@ class Consumer(Generic[T]):
             try:
                 await self._tasks.aclose()
             finally:
+                self.queue.client.consumers.discard(self)
                 if self._conn is not None:
                     await self.queue.client.release_dedicated(self._conn)
 
@@ -272,7 +278,8 @@ class Consumer(Generic[T]):
                 self._room.clear()
                 await self._room.wait()
             try:
-                if failures:
+                if failures or self._look_for_orphans:
+                    self._look_for_orphans = False
                     await self._adopt_orphans()
                     failures = 0
                     continue  # adoption may have filled the room: check it again
@@ -316,7 +323,12 @@ class Consumer(Generic[T]):
                 env = decode(raw)
                 if env.codec != codec.name:
                     raise DecodeError(f"body was written with codec {env.codec!r}; this queue uses {codec.name!r}")
-                body = codec.decode(env.body)
+                try:
+                    body = codec.decode(env.body)
+                except DecodeError:
+                    raise
+                except Exception as exc:  # a codec of the user's may raise anything
+                    raise DecodeError(f"codec {codec.name!r} failed: {exc!r}") from exc
             except (DecodeError, RecursionError) as exc:
                 self.stats.dead_lettered += 1
                 log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
@@ -443,7 +455,13 @@ class Consumer(Generic[T]):
             self._settled_all.set()
 
     async def _flush_settles(self) -> None:
-        batch = self._settles[:_MAX_SETTLE_BATCH]
+        size = count = 0
+        for raw, action, value, _ in self._settles[:_MAX_SETTLE_BATCH]:
+            count += 1
+            size += len(value) if action == b"A" else len(raw) + len(value)
+            if size > _MAX_SETTLE_BYTES:  # big envelopes: keep one call well inside Redis' limits
+                break
+        batch = self._settles[:count]
         acks = [item for item in batch if item[1] == b"A"]
         others = [item for item in batch if item[1] != b"A"]
         args: list[Any] = [len(acks)]
@@ -475,15 +493,32 @@ class Consumer(Generic[T]):
     async def _tick(self) -> list[bytes]:
         """Renew the lease and move due retries; return the consumers whose lease expired."""
         keys = self.queue.keys
-        moved, next_ms, *expired = await script("heartbeat")(
+        moved, next_ms, in_flight, *expired = await script("heartbeat")(
             self.queue.client.redis,
-            (keys.leases, keys.delayed, keys.ready),
+            (keys.leases, keys.delayed, keys.ready, self._inflight),
             (self.name, self._lease_ms, _REAP_BATCH, 1000),
         )
         if moved:
             log.debug("consumer %s: %d due retries moved to ready", self.name, moved)
         self._next_due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
+        if in_flight > len(self._held):
+            # More in our list than we know of: a move whose reply never came (or a take in
+            # flight right now). The fetch loop looks, between its own commands.
+            self._look_for_orphans = True
         return list(expired)
+
+    async def _reap_expired(self, members: list[bytes]) -> None:
+        for member in members:
+            name = member.decode("utf-8", "replace")
+            if name == self.name:
+                continue
+            try:
+                check_name("consumer", name)
+            except ConfigError:
+                # Not written by aioredmq (names are checked): never ours to reap.
+                log.warning("consumer %s: ignoring foreign member %r of %s", self.name, member, self.queue.keys.leases)
+                continue
+            await self._reap(name)
 
     async def _reap(self, consumer: str) -> None:
         keys = self.queue.keys
@@ -511,9 +546,7 @@ class Consumer(Generic[T]):
                 if now >= next_beat or (self._next_due is not None and now >= self._next_due):
                     if now >= next_beat:
                         next_beat = now + interval
-                    for name in await self._tick():
-                        if name.decode() != self.name:
-                            await self._reap(name.decode())
+                    await self._reap_expired(await self._tick())
             except _TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)

@@ -16,6 +16,7 @@ A dead-letter record wraps the original bytes, decodable or not::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = (
 )
 
 MAGIC = b"amq1"
+_HEADER = re.compile(rb"amq1 ([0-9a-f]{1,64}) ([0-9]{1,9}) ([0-9]{1,15}) ([A-Za-z]{1,32}) ([0-9]{1,9})")
 DEAD_MAGIC = b"amqdead1"
 _MAX_HEADER_LINE = 128
 
@@ -72,20 +74,13 @@ def decode(raw: bytes) -> Envelope:
     nl = raw.find(b"\n", 0, _MAX_HEADER_LINE)
     if nl < 0 or not raw.startswith(MAGIC + b" "):
         raise DecodeError("not an aioredmq envelope (foreign writer or corrupt bytes)")
-    fields = raw[:nl].split(b" ")
-    if len(fields) != 6:
-        raise DecodeError(f"envelope header has {len(fields)} fields, expected 6")
-    _, mid, attempts, published, codec, hlen = fields
-    try:
-        message_id = mid.decode("ascii")
-        n_attempts = int(attempts)
-        published_ms = int(published)
-        n_header = int(hlen)
-        codec_name = codec.decode("ascii")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"envelope header is malformed: {exc}") from exc
-    if n_attempts < 0 or n_header < 0 or not codec_name.isalpha() or not message_id.isalnum():
-        raise DecodeError("envelope header has an out-of-range field")
+    header = _HEADER.fullmatch(raw, 0, nl)
+    if header is None:
+        # Exactly what the Lua scripts parse ('^amq1 (%x+) (%d+) '), and no more.
+        raise DecodeError(f"envelope header is malformed: {raw[:nl][:80]!r}")
+    mid, attempts, published, codec, hlen = header.groups()
+    message_id, n_attempts, published_ms = mid.decode(), int(attempts), int(published)
+    codec_name, n_header = codec.decode(), int(hlen)
     start = nl + 1
     if start + n_header > len(raw):
         raise DecodeError("envelope is truncated inside its headers")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ("Queue", "QueueStats")
 
 T = TypeVar("T")
+_DEAD_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,32 +172,33 @@ class Queue(Generic[T]):
         return [decode_dead(r) for r in reversed(raw)]
 
     async def _move_dead(self, ids: Iterable[str] | None, limit: int | None, requeue: bool) -> int:
+        """Requeue or drop dead letters, oldest first, reading the list a page at a time."""
         wanted = set(ids) if ids is not None else None
         if limit is not None:
             check_positive("limit", limit, integer=True)
-        records = await execute(self.client.redis, "LRANGE", self.keys.dead, 0, -1, keys=(self.keys.dead,))
-        args: list[Any] = []
-        picked = 0
-        for record in reversed(records):  # oldest first
-            if limit is not None and picked >= limit:
+        dead, move = self.keys.dead, script("move_dead")
+        moved = kept = 0  # kept: records at the old end looked at and left in place
+        while limit is None or moved < limit:
+            page = await execute(self.client.redis, "LRANGE", dead, -(kept + _DEAD_PAGE), -(kept + 1), keys=(dead,))
+            args: list[Any] = []
+            for record in reversed(page):  # oldest first
+                if limit is not None and moved + len(args) // 2 >= limit:
+                    break
+                original = decode_dead(record).raw
+                try:
+                    env = decode(original)
+                except DecodeError:
+                    env = None
+                # A record that never decoded is not requeued: it would only die again.
+                if (wanted is not None and (env is None or env.id not in wanted)) or (requeue and env is None):
+                    kept += 1
+                    continue
+                args += (record, with_attempts(original, 0) if requeue else b"")
+            if args:
+                moved += int(await move(self.client.redis, (dead, self.keys.ready), args))
+            if len(page) < _DEAD_PAGE or (limit is not None and moved >= limit):
                 break
-            dead = decode_dead(record)
-            try:
-                env = decode(dead.raw)
-            except DecodeError:
-                env = None
-            if wanted is not None and (env is None or env.id not in wanted):
-                continue
-            if requeue and env is None:
-                continue  # never decodable: requeueing would only dead-letter it again
-            args += (record, with_attempts(dead.raw, 0) if requeue else b"")
-            picked += 1
-        moved = 0
-        for start in range(0, len(args), 2000):
-            moved += await script("move_dead")(
-                self.client.redis, (self.keys.dead, self.keys.ready), args[start : start + 2000]
-            )
-        return int(moved)
+        return moved
 
     async def requeue_dead(self, ids: Iterable[str] | None = None, *, limit: int | None = None) -> int:
         """Move dead letters (all, or those with these ids) back to ready with a fresh

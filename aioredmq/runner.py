@@ -50,13 +50,28 @@ async def run(
         check_positive("handler_timeout_s", handler_timeout_s)
     async with queue.consume(prefetch=prefetch or max(2 * concurrency, 64), name=name) as consumer:
         shield = anyio.CancelScope(shield=True)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, shield)
-            try:
-                await anyio.sleep_forever()
-            finally:
-                consumer.stop_delivery()
-                shield.deadline = anyio.current_time() + grace_s
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, shield)
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    consumer.stop_delivery()
+                    shield.deadline = anyio.current_time() + grace_s
+        except BaseExceptionGroup as group:
+            # Every worker raises the consumer's one error (a wrong key type, a missing
+            # permission): raise it as itself, so `except aioredmq.AioredmqError` works.
+            errors = {id(e): e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())}
+            if len(errors) == 1:
+                raise next(iter(errors.values())) from None
+            raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 async def _workers(

@@ -335,3 +335,23 @@ async def test_stats_show_where_messages_are(mq: aioredmq.Client) -> None:
         assert set(stats.consumers) == {"c1"}
         assert 0 < stats.consumers["c1"] <= 5
         await c.ack()
+
+
+async def test_dead_letters_are_managed_a_page_at_a_time(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    from aioredmq.envelope import encode_dead
+
+    q = mq.queue("many-dead")
+    ids = await q.publish_many(range(2500))
+    envelopes = await raw.lrange(q.keys.ready, 0, -1)  # newest first
+    await raw.delete(q.keys.ready)
+    records = [encode_dead(e, "test", 1) for e in reversed(envelopes)]  # oldest first
+    garbage = encode_dead(b"\xff never decoded", "test", 1)
+    await raw.lpush(q.keys.dead, records[0], garbage, *records[1:])  # dead: newest at the left
+    assert await q.requeue_dead(limit=1500) == 1500
+    assert await q.requeue_dead(ids[2000:2100]) == 100
+    assert await q.requeue_dead() == 900, "the rest; the garbage stays"
+    assert (await q.stats()).dead == 1
+    assert await q.purge_dead() == 1
+    order = [e.decode().split(" ")[1] for e in reversed(await raw.lrange(q.keys.ready, 0, -1))]
+    assert sorted(order) == sorted(ids)
+    assert order[:1500] == ids[:1500], "oldest first"

@@ -62,7 +62,10 @@ async def test_heartbeat_moves_only_what_is_due_and_names_expired_consumers(raw:
     due, later = envelope(), envelope()
     await raw.zadd(K.delayed, {due: 1, later: 2**50})
     await raw.zadd(K.leases, {"expired": 1, "alive": 2**50})
-    moved, next_ms, *expired = await script("heartbeat")(raw, (K.leases, K.delayed, K.ready), ("me", 5000, 16, 100))
+    await raw.lpush(K.inflight("me"), b"one", b"two")
+    keys = (K.leases, K.delayed, K.ready, K.inflight("me"))
+    moved, next_ms, in_flight, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16, 100))
+    assert in_flight == 2
     assert moved == 1
     assert next_ms > 10**9
     assert expired == [b"expired"]

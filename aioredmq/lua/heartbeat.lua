@@ -4,11 +4,13 @@
 -- KEYS[1] leases sorted set
 -- KEYS[2] delayed sorted set (score: due time in ms)
 -- KEYS[3] ready list
+-- KEYS[4] this consumer's in-flight list
 -- ARGV[1] consumer name
 -- ARGV[2] lease length, in ms
 -- ARGV[3] how many expired consumers to return at most
 -- ARGV[4] how many due entries to move at most
--- Returns {moved, ms until the next delayed entry is due or -1, expired consumer names...}.
+-- Returns {moved, ms until the next delayed entry is due or -1, length of the in-flight list,
+-- expired consumer names...}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -25,7 +27,7 @@ local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt > 0 then
   next_due = math.max(0, tonumber(nxt[2]) - now)
 end
-local reply = {moved, next_due}
+local reply = {moved, next_due, redis.call('LLEN', KEYS[4])}
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[3]))) do
   reply[#reply + 1] = name
 end
