@@ -32,6 +32,7 @@ class JsonCodec:
     name = "json"
 
     def __init__(self) -> None:
+        self._loads = json.JSONDecoder().decode
         encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
         self._dumps: Callable[[Any], str] = encoder.encode
         if c_make_encoder is not None:
@@ -60,7 +61,8 @@ class JsonCodec:
 
     def decode(self, data: bytes) -> Any:
         try:
-            return json.loads(data)
+            # We always write UTF-8: skip json.loads' guessing of the encoding.
+            return self._loads(data.decode())
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from exc
 
