@@ -34,14 +34,7 @@ import anyio
 from .commands import execute
 from .config import check_positive
 from .envelope import decode, encode_dead, with_attempts
-from .errors import (
-    AioredmqError,
-    ClosedError,
-    ConfigError,
-    ConnectionLostError,
-    DecodeError,
-    RedisTimeoutError,
-)
+from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
 from .keys import check_name
 from .message import Message
 from .scripts import script
@@ -57,7 +50,6 @@ __all__ = ("Consumer", "ConsumerStats")
 log = logging.getLogger("aioredmq.consumer")
 T = TypeVar("T")
 
-_TRANSIENT = (ConnectionLostError, RedisTimeoutError)
 _MAX_SETTLE_BATCH = 1000
 _MAX_SETTLE_BYTES = 8 * 1024 * 1024
 _REAP_BATCH = 16
@@ -295,7 +287,7 @@ class Consumer(Generic[T]):
                         continue
                     items = [item]
                 failures = 0
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 if self._state != 1:
                     return
                 idle = False
@@ -386,6 +378,7 @@ class Consumer(Generic[T]):
         try:
             attempts = decode(raw).attempts + 1
         except DecodeError as exc:
+            self.stats.dead_lettered += 1
             self._enqueue(raw, b"X", encode_dead(raw, f"undecodable: {exc}", _now_ms()), 0)
             return
         max_deliveries = self.queue.retry.max_deliveries
@@ -437,7 +430,7 @@ class Consumer(Generic[T]):
                 try:
                     await self._flush_settles()
                     failures = 0
-                except _TRANSIENT as exc:
+                except TRANSIENT as exc:
                     # Safe to resend: a settle already applied finds nothing to remove.
                     failures += 1
                     self.stats.connection_errors += 1
@@ -508,34 +501,27 @@ class Consumer(Generic[T]):
         return list(expired)
 
     async def _reap_expired(self, members: list[bytes]) -> None:
-        for member in members:
-            name = member.decode("utf-8", "replace")
-            if name == self.name:
-                continue
-            try:
-                check_name("consumer", name)
-            except ConfigError:
-                # Not written by aioredmq (names are checked): never ours to reap.
-                log.warning("consumer %s: ignoring foreign member %r of %s", self.name, member, self.queue.keys.leases)
-                continue
-            await self._reap(name)
-
-    async def _reap(self, consumer: str) -> None:
+        """Recover what each expired consumer held. Members are used as the bytes they are:
+        a member some other writer put there is reaped (and later forgotten) like any other."""
+        me = self.name.encode()
         keys = self.queue.keys
-        requeued, dead = await script("reap")(
-            self.queue.client.redis,
-            (keys.leases, keys.inflight(consumer), keys.ready, keys.dead),
-            (consumer, self.queue.retry.max_deliveries, self._lease_ms),
-        )
-        if requeued >= 0 and (requeued or dead):
-            self.stats.reaped_consumers += 1
-            log.warning(
-                "consumer %s: lease of %s expired; %d message(s) back to ready, %d dead-lettered",
-                self.name,
-                consumer,
-                requeued,
-                dead,
+        for member in members:
+            if member == me:
+                continue
+            requeued, dead = await script("reap")(
+                self.queue.client.redis,
+                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead),
+                (member, self.queue.retry.max_deliveries, self._lease_ms),
             )
+            if requeued >= 0 and (requeued or dead):
+                self.stats.reaped_consumers += 1
+                log.warning(
+                    "consumer %s: lease of %s expired; %d message(s) back to ready, %d dead-lettered",
+                    self.name,
+                    member.decode("utf-8", "replace"),
+                    requeued,
+                    dead,
+                )
 
     async def _timer_loop(self) -> None:
         interval = self.queue.lease_s / 3
@@ -547,7 +533,7 @@ class Consumer(Generic[T]):
                     if now >= next_beat:
                         next_beat = now + interval
                     await self._reap_expired(await self._tick())
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)
                 self._next_due = None  # learn it again from the next successful tick

@@ -76,7 +76,7 @@ def decode(raw: bytes) -> Envelope:
         raise DecodeError("not an aioredmq envelope (foreign writer or corrupt bytes)")
     header = _HEADER.fullmatch(raw, 0, nl)
     if header is None:
-        # Exactly what the Lua scripts parse ('^amq1 (%x+) (%d+) '), and no more.
+        # Never more than the Lua scripts parse ('^amq1 (%x+) (%d+) '): they must agree.
         raise DecodeError(f"envelope header is malformed: {raw[:nl][:80]!r}")
     mid, attempts, published, codec, hlen = header.groups()
     message_id, n_attempts, published_ms = mid.decode(), int(attempts), int(published)

@@ -9,6 +9,7 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     ├── RedisError                           the server or the link to it failed
     │   ├── ConnectionLostError              could not connect, or the link broke mid-command
     │   ├── RedisTimeoutError                the server did not answer within the socket timeout
+    │   ├── UnavailableError                 the server refused for now (LOADING, BUSY, READONLY, ...)
     │   ├── WrongTypeError                   a key holds another Redis type; the message names it
     │   ├── ClusterError                     Redis Cluster refused or could not route a command
     │   └── ResponseError                    any other error reply
@@ -40,6 +41,8 @@ __all__ = (
     "RedisError",
     "RedisTimeoutError",
     "ResponseError",
+    "TRANSIENT",
+    "UnavailableError",
     "WrongTypeError",
     "translate",
 )
@@ -67,6 +70,17 @@ class ConnectionLostError(RedisError):
 
 class RedisTimeoutError(RedisError):
     """The server did not answer within the socket timeout."""
+
+
+class UnavailableError(RedisError):
+    """The server refused for now: loading, busy with a script, a read-only replica after a
+    failover, too few replicas, a failed save. The same command may succeed later."""
+
+
+# Error replies that mean "not now" rather than "never" (the first word of the reply).
+_UNAVAILABLE = frozenset(
+    ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "MISCONF", "TRYAGAIN", "CLUSTERDOWN")
+)
 
 
 class WrongTypeError(RedisError):
@@ -104,18 +118,24 @@ class MessageStateError(AioredmqError):
     """The message was already acked, nacked or dead-lettered."""
 
 
-def translate(exc: BaseException, *, keys: tuple[str, ...] = ()) -> AioredmqError:
+# What a retry can cure: the link failed, the answer came late, or the server said "not now".
+TRANSIENT: tuple[type[AioredmqError], ...] = (ConnectionLostError, RedisTimeoutError, UnavailableError)
+
+
+def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> AioredmqError:
     """Map a redis-py exception to the aioredmq tree (``keys`` name what the command touched)."""
-    where = f" (keys: {', '.join(keys)})" if keys else ""
+    where = f" (keys: {', '.join(k if isinstance(k, str) else repr(k) for k in keys)})" if keys else ""
     if isinstance(exc, AioredmqError):
         return exc
     if isinstance(exc, rex.TimeoutError):
         return RedisTimeoutError(f"Redis did not answer in time{where}: {exc}")
     if isinstance(exc, rex.ConnectionError):
         return ConnectionLostError(f"lost the connection to Redis{where}: {exc}")
+    text = str(exc)
+    if isinstance(exc, rex.ResponseError) and text.split(" ", 1)[0] in _UNAVAILABLE:
+        return UnavailableError(f"Redis refused for now{where}: {text}")
     if isinstance(exc, (rex.RedisClusterException, rex.ClusterError)):
         return ClusterError(f"Redis Cluster error{where}: {exc}")
-    text = str(exc)
     if "WRONGTYPE" in text:
         return WrongTypeError(
             f"a key holds the wrong Redis type{where}; another application may be using "
@@ -127,7 +147,7 @@ def translate(exc: BaseException, *, keys: tuple[str, ...] = ()) -> AioredmqErro
 
 
 @contextlib.contextmanager
-def mapped(*keys: str) -> Iterator[None]:
+def mapped(*keys: str | bytes) -> Iterator[None]:
     """Re-raise redis-py errors raised inside the block as aioredmq errors."""
     try:
         yield

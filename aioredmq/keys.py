@@ -63,5 +63,9 @@ class QueueKeys:
     def inflight(self, consumer: str) -> str:
         return f"{self.base}:inflight:{consumer}"
 
+    def inflight_of(self, member: bytes) -> bytes:
+        """The in-flight list of a consumer named by a raw member of the leases set."""
+        return f"{self.base}:inflight:".encode() + member
+
     def producer(self, producer_id: str) -> str:
         return f"{self.base}:producer:{producer_id}"

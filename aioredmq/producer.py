@@ -20,13 +20,7 @@ from collections import deque
 import anyio
 
 from .client import Client
-from .errors import (
-    AioredmqError,
-    ClosedError,
-    ConnectionLostError,
-    PublishUnconfirmedError,
-    RedisTimeoutError,
-)
+from .errors import TRANSIENT, AioredmqError, ClosedError, PublishUnconfirmedError
 from .keys import QueueKeys
 from .scripts import script
 
@@ -132,7 +126,7 @@ class Producer:
         for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
             try:
                 applied = await publish(self._client.redis, keys, args)
-            except (ConnectionLostError, RedisTimeoutError) as exc:
+            except TRANSIENT as exc:
                 if delay is None:
                     raise PublishUnconfirmedError(
                         f"{len(envs)} message(s) to {self._keys.name!r} were sent but not "

@@ -153,8 +153,8 @@ class Queue(Generic[T]):
         now_ms = int(sec) * 1000 + int(usec) // 1000
         if leases and not isinstance(leases[0], (list, tuple)):  # a flat reply: member, score, ...
             leases = list(zip(leases[::2], leases[1::2], strict=True))
-        pairs = [(member.decode(), float(score)) for member, score in leases]
-        lengths = await pipeline(redis, [("LLEN", k.inflight(name)) for name, _ in pairs], keys=keys)
+        pairs = [(member.decode("utf-8", "replace"), float(score)) for member, score in leases]
+        lengths = await pipeline(redis, [("LLEN", k.inflight_of(member)) for member, _ in leases], keys=keys)
         return QueueStats(
             ready=ready,
             in_flight=sum(lengths),

@@ -29,7 +29,9 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, redis: Redis, keys: tuple[str, ...], args: tuple[Any, ...] | list[Any] = ()) -> Any:
+    async def __call__(
+        self, redis: Redis, keys: tuple[str | bytes, ...], args: tuple[Any, ...] | list[Any] = ()
+    ) -> Any:
         run = redis.execute_command
         with mapped(*keys):
             try:

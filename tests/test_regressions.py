@@ -113,7 +113,7 @@ async def test_a_settle_refused_for_a_moment_is_retried_not_forgotten(
             await poll(lambda: blocked_in_blmove(raw), "the consumer to wait in BLMOVE")
             await raw.config_set("min-replicas-to-write", 1)  # writes refused from now on
             await first.ack()
-            await wait_for(lambda: log_count(caplog, "settle refused") > 0, what="the ack to be refused")
+            await wait_for(lambda: log_count(caplog, "NOREPLICAS") > 0, what="the ack to be refused")
             assert first.raw in await raw.lrange(inflight, 0, -1)
             await raw.config_set("min-replicas-to-write", 0)  # healthy again
             await poll(lambda: _not_in(raw, inflight, first.raw), "the refused ack to be retried and reach Redis")
@@ -458,3 +458,66 @@ async def test_publishing_a_circular_or_too_deep_body_raises_type_error_before_s
     assert await raw.dbsize() == 0
     message_id = await queue.publish("still works")
     assert [decode(r).id for r in await raw.lrange(queue.keys.ready, 0, -1)] == [message_id]
+
+
+# -- later findings ------------------------------------------------------------------------
+
+
+async def test_foreign_lease_members_are_forgotten_and_never_block_reaping(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """Foreign members were skipped but kept: sixteen of them took every reap slot, and a dead
+    consumer's messages were never recovered; stats() crashed on a non-UTF-8 member."""
+    queue = mq.queue("r-foreign", lease_s=0.3)
+    foreign = {b"\xff\xfe" + bytes([i]): 1 for i in range(20)}
+    await raw.zadd(queue.keys.leases, foreign)
+    stats = await queue.stats()  # does not raise on undecodable members
+    assert len(stats.consumers) == 20
+    # A consumer that died holding a message, its lease long expired.
+    mid = await queue.publish("held by the dead")
+    await raw.lmove(queue.keys.ready, queue.keys.inflight("dead-one"), "RIGHT", "LEFT")
+    await raw.zadd(queue.keys.leases, {"dead-one": 2})
+    async with queue.consume(block_s=0.1) as consumer:
+        with anyio.fail_after(10):
+            msg = await consumer.__anext__()
+        assert (msg.id, msg.deliveries) == (mid, 2)
+        await msg.ack()
+
+        async def forgotten() -> bool:
+            members = await raw.zrange(queue.keys.leases, 0, -1)
+            return not set(members) & set(foreign)
+
+        await poll(forgotten, "the foreign members to be forgotten")
+
+
+async def test_a_fetch_refused_for_a_moment_is_retried(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    """NOREPLICAS (or READONLY, LOADING, BUSY) on the fetch's own command stopped the fetch for good."""
+    queue = mq.queue("r-refused-fetch")
+    async with queue.consume(block_s=0.2) as consumer:
+        await raw.config_set("min-replicas-to-write", 1)
+        try:
+            await wait_for(lambda: consumer.stats.connection_errors > 0, what="a refused fetch")
+        finally:
+            await raw.config_set("min-replicas-to-write", 0)
+        mid = await queue.publish("after the refusal")
+        with anyio.fail_after(10):
+            msg = await consumer.__anext__()
+        assert msg.id == mid
+        await msg.ack()
+
+
+async def test_a_publish_refused_for_a_moment_is_retried_without_a_duplicate(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A publish refused with NOREPLICAS failed at once instead of being retried."""
+    queue = mq.queue("r-refused-publish")
+    await raw.config_set("min-replicas-to-write", 1)
+
+    async def allow_soon() -> None:
+        await anyio.sleep(0.2)
+        await raw.config_set("min-replicas-to-write", 0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(allow_soon)
+        mid = await queue.publish("refused, then accepted")
+    assert [decode(e).id for e in await raw.lrange(queue.keys.ready, 0, -1)] == [mid]
