@@ -23,6 +23,7 @@ from .errors import PublishUnconfirmedError as PublishUnconfirmedError
 from .errors import RedisError as RedisError
 from .errors import RedisTimeoutError as RedisTimeoutError
 from .errors import ResponseError as ResponseError
+from .errors import UnavailableError as UnavailableError
 from .errors import WrongTypeError as WrongTypeError
 from .message import Message as Message
 from .queue import Queue as Queue
@@ -57,6 +58,7 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "UnavailableError",
     "WrongTypeError",
     "connect",
     "run",
