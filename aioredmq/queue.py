@@ -95,6 +95,7 @@ class Queue(Generic[T]):
         Concurrent calls share one round trip. Raises :class:`MessageTooLargeError`
         before sending anything, :class:`PublishUnconfirmedError` when Redis never
         confirmed (the message may exist), :class:`ClosedError` after close.
+        Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
         message_id, raw = self._envelope(body, headers, time.time_ns() // 1_000_000)
