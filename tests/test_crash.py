@@ -127,6 +127,19 @@ async def drain(
             tg.cancel_scope.cancel()
 
 
+def listed_at_least(
+    proc: anyio.abc.Process, raw: aioredis.Redis, key: str, n: int, tmp_path: Path
+) -> Callable[[], Awaitable[bool]]:
+    """A check that the worker has recorded ``n`` ids in ``key``, failing if it exited."""
+
+    async def check() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"worker exited early ({proc.returncode})\n{_output(tmp_path)}")
+        return await raw.llen(key) >= n
+
+    return check
+
+
 # -- SIGKILL -----------------------------------------------------------------------------
 
 
@@ -138,13 +151,9 @@ async def test_sigkill_mid_batch_loses_nothing(
     options = ("--lease-s", "0.5", "--concurrency", "8", "--prefetch", "50")
 
     async with worker_process(tmp_path, redis_url, "tests.workers:crash_handler", "crash", *options) as proc:
-
-        async def handled_some() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"worker exited early ({proc.returncode})\n{_output(tmp_path)}")
-            return await raw.llen(STARTED) >= 40
-
-        await poll(handled_some, 20, f"the worker to start handling\n{_output(tmp_path)}")
+        await poll(
+            listed_at_least(proc, raw, STARTED, 40, tmp_path), 20, f"the worker to start handling\n{_output(tmp_path)}"
+        )
         proc.send_signal(signal.SIGKILL)
         assert await wait_exit(proc, 10, tmp_path) == -signal.SIGKILL
 
@@ -190,13 +199,9 @@ async def test_sigterm_returns_prefetched_at_once(
     options = ("--lease-s", "30", "--concurrency", "2", "--prefetch", "20")
 
     async with worker_process(tmp_path, redis_url, "tests.workers:slow_handler", "graceful", *options) as proc:
-
-        async def handled_some() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"worker exited early ({proc.returncode})\n{_output(tmp_path)}")
-            return await raw.llen(DONE) >= 3
-
-        await poll(handled_some, 20, f"the worker to handle a few messages\n{_output(tmp_path)}")
+        await poll(
+            listed_at_least(proc, raw, DONE, 3, tmp_path), 20, f"the worker to handle a few\n{_output(tmp_path)}"
+        )
         name, lease_deadline_ms = await lease_of_only_consumer(raw, queue)
         held = await raw.llen(queue.keys.inflight(name))
         proc.send_signal(signal.SIGTERM)
