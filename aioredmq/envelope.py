@@ -29,6 +29,7 @@ __all__ = (
     "decode_dead",
     "encode",
     "encode_dead",
+    "encode_many",
     "with_attempts",
 )
 
@@ -67,6 +68,20 @@ def encode(
         h,
         body,
     )
+
+
+def encode_many(
+    message_ids: list[str],
+    published_ms: int,
+    codec: str,
+    headers: dict[str, str] | None,
+    bodies: list[bytes],
+) -> list[bytes]:
+    """Envelopes of a batch that shares its publish time, codec and headers (attempts 0)."""
+    h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
+    tail = b" 0 %d %b %d\n%b" % (published_ms, codec.encode(), len(h), h)
+    head = MAGIC + b" "
+    return [head + mid.encode() + tail + body for mid, body in zip(message_ids, bodies, strict=True)]
 
 
 def decode(raw: bytes) -> Envelope:

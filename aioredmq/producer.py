@@ -63,6 +63,11 @@ class Producer:
 
     async def send(self, envelopes: list[bytes]) -> None:
         """Append envelopes (at most ``max_batch``) and wait until Redis has them."""
+        await (await self.submit(envelopes))
+
+    async def submit(self, envelopes: list[bytes]) -> asyncio.Future[None]:
+        """Append envelopes (at most ``max_batch``) once there is room; the future resolves
+        when Redis has them. Waiting only for room lets a caller keep several in flight."""
         if self._closed:
             raise ClosedError("the producer is closed; publish before closing the client")
         while self._buffered and self._buffered + len(envelopes) > self.max_buffered:
@@ -78,7 +83,7 @@ class Producer:
         self._buffered += len(envelopes)
         self._idle.clear()
         self._wake.set()
-        await fut
+        return fut
 
     def _next_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
         envs: list[bytes] = []

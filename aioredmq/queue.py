@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -11,9 +12,9 @@ from .codecs import Codec, get_codec
 from .commands import execute, pipeline
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
-from .envelope import DeadRecord, decode, decode_dead, encode, with_attempts
+from .envelope import DeadRecord, decode, decode_dead, encode_many, with_attempts
 from .errors import ConfigError, DecodeError, MessageTooLargeError
-from .ids import new_id
+from .ids import new_ids
 from .keys import QueueKeys, check_name
 from .producer import Producer
 from .scripts import script
@@ -74,20 +75,23 @@ class Queue(Generic[T]):
 
     # -- publishing ------------------------------------------------------------------
 
-    def _envelope(self, body: Any, headers: Mapping[str, str] | None, now_ms: int) -> tuple[str, bytes]:
+    def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
+        """Ids and envelopes for a batch; checks every one before anything is sent."""
         if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise TypeError("headers must map str to str")
-        message_id = new_id()
-        raw = encode(
-            message_id, 0, now_ms, self.codec.name, dict(headers) if headers else None, self.codec.encode(body)
+        encode = self.codec.encode
+        encoded = [encode(body) for body in bodies]
+        ids = new_ids(len(encoded))
+        raws = encode_many(
+            ids, time.time_ns() // 1_000_000, self.codec.name, dict(headers) if headers else None, encoded
         )
-        if len(raw) > self.max_body_bytes:
+        if raws and (largest := max(map(len, raws))) > self.max_body_bytes:
             raise MessageTooLargeError(
-                f"message to {self.name!r} is {len(raw)} bytes encoded, over max_body_bytes="
+                f"a message to {self.name!r} is {largest} bytes encoded, over max_body_bytes="
                 f"{self.max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
                 "send a reference, or raise max_body_bytes"
             )
-        return message_id, raw
+        return ids, raws
 
     async def publish(self, body: T, *, headers: Mapping[str, str] | None = None) -> str:
         """Append one message; return its id once Redis has it.
@@ -98,22 +102,26 @@ class Queue(Generic[T]):
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
-        message_id, raw = self._envelope(body, headers, time.time_ns() // 1_000_000)
-        await self.producer.send([raw])
+        (message_id,), raws = self._encode((body,), headers)
+        await self.producer.send(raws)
         return message_id
 
     async def publish_many(self, bodies: Iterable[T], *, headers: Mapping[str, str] | None = None) -> list[str]:
         """Append many messages in order, in as few round trips as the batch limits allow.
 
-        Every body is encoded and checked before anything is sent.
+        Every body is encoded and checked before anything is sent. Chunks are buffered as
+        room allows, so one is on its way while the next is queued. If an error is raised,
+        chunks before the failing one may have been published.
         """
         self.client.check_open()
-        now_ms = time.time_ns() // 1_000_000
-        pairs = [self._envelope(body, headers, now_ms) for body in bodies]
+        ids, raws = self._encode(bodies, headers)
         chunk = max(1, min(2000, self.producer.max_buffered))
-        for start in range(0, len(pairs), chunk):
-            await self.producer.send([raw for _, raw in pairs[start : start + chunk]])
-        return [message_id for message_id, _ in pairs]
+        pending = [await self.producer.submit(raws[i : i + chunk]) for i in range(0, len(raws), chunk)]
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every chunk's fate is read
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return ids
 
     # -- consuming -------------------------------------------------------------------
 

@@ -355,3 +355,11 @@ async def test_dead_letters_are_managed_a_page_at_a_time(mq: aioredmq.Client, ra
     order = [e.decode().split(" ")[1] for e in reversed(await raw.lrange(q.keys.ready, 0, -1))]
     assert sorted(order) == sorted(ids)
     assert order[:1500] == ids[:1500], "oldest first"
+
+
+async def test_publish_many_beyond_the_buffer_keeps_order(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    q = mq.queue("chunks", max_buffered=100)
+    ids = await q.publish_many(range(1050))
+    assert len(set(ids)) == 1050
+    stored = [e.split(b" ")[1].decode() for e in reversed(await raw.lrange(q.keys.ready, 0, -1))]
+    assert stored == ids
