@@ -396,3 +396,16 @@ async def test_a_full_producer_buffer_makes_publish_wait_and_loses_nothing(
         proxy.resume()
     assert len(done) == 35
     assert await raw.llen(queue.keys.ready) == 36
+
+
+async def test_a_cancelled_publish_is_still_sent(proxy: FaultProxy, pmq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    queue = pmq.queue("cancelled-publish")
+    await queue.publish("warm-up")
+    proxy.pause()  # the next batch waits in flight
+    with anyio.move_on_after(0.3) as scope:
+        await queue.publish("cancelled while waiting")
+    assert scope.cancelled_caught
+    proxy.resume()
+    await pmq.aclose()  # closing flushes the producer
+    bodies = [decode(e).body for e in reversed(await raw.lrange(queue.keys.ready, 0, -1))]
+    assert bodies == [b'"warm-up"', b'"cancelled while waiting"']
