@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
 import redis
@@ -30,6 +30,16 @@ import aioredmq
 from aioredmq.testing import RedisServer
 
 Case = Callable[[], Awaitable[float]]
+
+
+class CaseSummary(TypedDict):
+    """One case's rates over all rounds, in messages per second."""
+
+    median: float
+    min: float
+    max: float
+    runs: list[float]
+
 
 # The raw reliable consumer: move a batch into a processing list in one Lua call, ack by LREM.
 RAW_TAKE = """
@@ -204,7 +214,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 results[name].append(await case())
                 print(f"  round {r + 1}/{args.rounds}  {name:<50} {results[name][-1]:>12,.0f} msg/s", file=sys.stderr)
         server = redis.Redis.from_url(url).info("server")["redis_version"]
-    summary = {
+    summary: dict[str, CaseSummary] = {
         name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for name, v in results.items()
     }
     print(f"\n{args.messages:,} messages of ~{len(json.dumps(body))} B, {args.rounds} rounds, "

@@ -23,7 +23,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     import redis
 
     with redis.Redis.from_url(redis_server.url) as r:

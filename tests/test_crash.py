@@ -27,7 +27,7 @@ import aioredmq
 from aioredmq.envelope import decode
 
 from .conftest import PYTHON, ROOT, subprocess_env
-from .helpers import wait_for
+from .helpers import lrange_bytes, wait_for, zrange_with_scores
 from .workers import DONE, STARTED, URL_ENV
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,16 +90,16 @@ async def wait_exit(proc: anyio.abc.Process, timeout_s: float, tmp_path: Path) -
 
 async def records(raw: aioredis.Redis, key: str) -> list[tuple[str, int]]:
     """The ``"<id> <deliveries>"`` entries a handler pushed to ``key``, in order."""
-    return [(i.decode(), int(d)) for i, d in (e.split() for e in await raw.lrange(key, 0, -1))]
+    return [(i.decode(), int(d)) for i, d in (e.split() for e in await lrange_bytes(raw, key))]
 
 
 async def ready_envelopes(raw: aioredis.Redis, queue: aioredmq.Queue[Any]) -> list[Any]:
     """The ready list's envelopes, next-in-line first."""
-    return [decode(r) for r in reversed(await raw.lrange(queue.keys.ready, 0, -1))]
+    return [decode(r) for r in reversed(await lrange_bytes(raw, queue.keys.ready))]
 
 
 async def lease_of_only_consumer(raw: aioredis.Redis, queue: aioredmq.Queue[Any]) -> tuple[str, float]:
-    leases = await raw.zrange(queue.keys.leases, 0, -1, withscores=True)
+    leases = await zrange_with_scores(raw, queue.keys.leases)
     assert len(leases) == 1, f"expected exactly the worker's lease, found {leases}"
     name, deadline_ms = leases[0]
     return name.decode(), deadline_ms
@@ -161,7 +161,7 @@ async def test_sigkill_mid_batch_loses_nothing(
     started = await records(raw, STARTED)
     started_ids = {i for i, _ in started}
     name, _ = await lease_of_only_consumer(raw, queue)
-    inflight_ids = {decode(r).id for r in await raw.lrange(queue.keys.inflight(name), 0, -1)}
+    inflight_ids = {decode(r).id for r in await lrange_bytes(raw, queue.keys.inflight(name))}
     stats = await queue.stats()
     assert 0 < len(started_ids) < N_CRASH, f"killed before or after the batch: {len(started_ids)} handled"
     assert all(d == 1 for _, d in started), started

@@ -26,7 +26,7 @@ from aioredmq.envelope import decode
 from aioredmq.scripts import script
 from aioredmq.testing import RedisServer
 
-from .helpers import settled_stats, wait_for
+from .helpers import lrange_bytes, settled_stats, wait_for
 from .proxy import FaultProxy
 
 SCRIPTS = sorted(f.name.removesuffix(".lua") for f in resources.files("aioredmq").joinpath("lua").iterdir())
@@ -407,5 +407,5 @@ async def test_a_cancelled_publish_is_still_sent(proxy: FaultProxy, pmq: aioredm
     assert scope.cancelled_caught
     proxy.resume()
     await pmq.aclose()  # closing flushes the producer
-    bodies = [decode(e).body for e in reversed(await raw.lrange(queue.keys.ready, 0, -1))]
+    bodies = [decode(e).body for e in reversed(await lrange_bytes(raw, queue.keys.ready))]
     assert bodies == [b'"warm-up"', b'"cancelled while waiting"']

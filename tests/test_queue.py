@@ -17,7 +17,7 @@ import aioredmq
 from aioredmq import Message, RetryPolicy
 
 from .conftest import PYTHON, subprocess_env
-from .helpers import mq_url, settled_stats, wait_for
+from .helpers import lrange_bytes, mq_url, settled_stats, wait_for
 
 FAST_RETRY = RetryPolicy(max_deliveries=3, backoff_initial_s=0.01, backoff_max_s=0.05)
 
@@ -342,7 +342,7 @@ async def test_dead_letters_are_managed_a_page_at_a_time(mq: aioredmq.Client, ra
 
     q = mq.queue("many-dead")
     ids = await q.publish_many(range(2500))
-    envelopes = await raw.lrange(q.keys.ready, 0, -1)  # newest first
+    envelopes = await lrange_bytes(raw, q.keys.ready)  # newest first
     await raw.delete(q.keys.ready)
     records = [encode_dead(e, "test", 1) for e in reversed(envelopes)]  # oldest first
     garbage = encode_dead(b"\xff never decoded", "test", 1)
@@ -352,7 +352,7 @@ async def test_dead_letters_are_managed_a_page_at_a_time(mq: aioredmq.Client, ra
     assert await q.requeue_dead() == 900, "the rest; the garbage stays"
     assert (await q.stats()).dead == 1
     assert await q.purge_dead() == 1
-    order = [e.decode().split(" ")[1] for e in reversed(await raw.lrange(q.keys.ready, 0, -1))]
+    order = [e.decode().split(" ")[1] for e in reversed(await lrange_bytes(raw, q.keys.ready))]
     assert sorted(order) == sorted(ids)
     assert order[:1500] == ids[:1500], "oldest first"
 
@@ -361,5 +361,5 @@ async def test_publish_many_beyond_the_buffer_keeps_order(mq: aioredmq.Client, r
     q = mq.queue("chunks", max_buffered=100)
     ids = await q.publish_many(range(1050))
     assert len(set(ids)) == 1050
-    stored = [e.split(b" ")[1].decode() for e in reversed(await raw.lrange(q.keys.ready, 0, -1))]
+    stored = [e.split(b" ")[1].decode() for e in reversed(await lrange_bytes(raw, q.keys.ready))]
     assert stored == ids

@@ -28,7 +28,7 @@ from aioredmq.keys import QueueKeys
 from aioredmq.testing import RedisServer
 
 from .conftest import PYTHON, ROOT, subprocess_env
-from .helpers import mq_url, settled_stats, wait_for
+from .helpers import lrange_bytes, mq_url, settled_stats, wait_for
 from .proxy import FaultProxy
 from .test_network_faults import NIL_REPLIES, is_error, pmq, proxy  # noqa: F401
 
@@ -122,7 +122,7 @@ async def test_a_settle_refused_for_a_moment_is_retried_not_forgotten(
     finally:
         await raw.config_set("min-replicas-to-write", 0)
     # Closing gave back only the message never handed out; the acked one is gone for good.
-    assert [decode(r).id for r in await raw.lrange(queue.keys.ready, 0, -1)] == [ids[1]]
+    assert [decode(r).id for r in await lrange_bytes(raw, queue.keys.ready)] == [ids[1]]
     await settled_stats(queue, ready=1, in_flight=0, delayed=0, dead=0)
 
 
@@ -243,7 +243,7 @@ async def test_no_message_is_handed_out_once_close_has_begun(mq: aioredmq.Client
         await consumer.aclose()
     assert consumer.stats.delivered == 1
     # Never handed out: back at the front, in order, delivery count unchanged.
-    ready = [decode(r) for r in reversed(await raw.lrange(queue.keys.ready, 0, -1))]
+    ready = [decode(r) for r in reversed(await lrange_bytes(raw, queue.keys.ready))]
     assert [(env.id, env.attempts) for env in ready] == [(ids[1], 0), (ids[2], 0)]
     await settled_stats(queue, ready=2, in_flight=0, delayed=0, dead=0)
 
@@ -457,7 +457,7 @@ async def test_publishing_a_circular_or_too_deep_body_raises_type_error_before_s
             await queue.publish_many(["fine", body])  # checked before anything is sent
     assert await raw.dbsize() == 0
     message_id = await queue.publish("still works")
-    assert [decode(r).id for r in await raw.lrange(queue.keys.ready, 0, -1)] == [message_id]
+    assert [decode(r).id for r in await lrange_bytes(raw, queue.keys.ready)] == [message_id]
 
 
 # -- later findings ------------------------------------------------------------------------
@@ -520,4 +520,4 @@ async def test_a_publish_refused_for_a_moment_is_retried_without_a_duplicate(
     async with anyio.create_task_group() as tg:
         tg.start_soon(allow_soon)
         mid = await queue.publish("refused, then accepted")
-    assert [decode(e).id for e in await raw.lrange(queue.keys.ready, 0, -1)] == [mid]
+    assert [decode(e).id for e in await lrange_bytes(raw, queue.keys.ready)] == [mid]

@@ -15,6 +15,8 @@ from aioredmq.ids import new_id
 from aioredmq.keys import QueueKeys
 from aioredmq.scripts import script
 
+from .helpers import lindex_bytes, lrange_bytes
+
 K = QueueKeys("aioredmq", "s")
 
 
@@ -42,10 +44,10 @@ async def test_reap_returns_in_order_counts_and_dead_letters(raw: aioredis.Redis
     await raw.lpush(K.inflight("gone"), fresh, b"\x00garbage", last_try)
     await raw.zadd(K.leases, {"gone": 1})
     assert await reap(raw, "gone") == [1, 2]
-    front = await raw.lindex(K.ready, -1)
+    front = await lindex_bytes(raw, K.ready, -1)
     assert front is not None
     assert (decode(front).id, decode(front).attempts) == (decode(fresh).id, 1)
-    reasons = sorted(decode_dead(r).reason for r in await raw.lrange(K.dead, 0, -1))
+    reasons = sorted(decode_dead(r).reason for r in await lrange_bytes(raw, K.dead))
     assert "delivered 3 times (max_deliveries=3)" in reasons[0]
     assert reasons[1].startswith("not an aioredmq envelope")
     assert not await raw.exists(K.inflight("gone"))
