@@ -140,6 +140,30 @@ def listed_at_least(
     return check
 
 
+async def assert_unstarted_back_then_drain(
+    mq: aioredmq.Client,
+    raw: aioredis.Redis,
+    queue: aioredmq.Queue[Any],
+    ids: list[str],
+    started_ids: list[str],
+    event: str,
+) -> None:
+    """After a graceful stop: what never started is back in order with deliveries == 1, and
+    draining it hands out each of those exactly once and nothing handled before ``event``."""
+    ready = await ready_envelopes(raw, queue)
+    assert [e.id for e in ready] == ids[len(started_ids) :], "the unstarted messages are not back, in order"
+    raised = {e.id: e.attempts + 1 for e in ready if e.attempts}
+    assert not raised, f"returned unstarted message(s) no longer have deliveries == 1: {raised}"
+
+    seen: dict[str, list[int]] = {}
+    await drain(mq, queue, set(ids) - set(started_ids), seen)
+    assert not (seen.keys() & set(started_ids)), f"a message handled before {event} was delivered again"
+    assert seen.keys() | set(started_ids) == set(ids)
+    assert all(d == [1] for d in seen.values()), f"duplicates or raised counts after {event}: {seen}"
+    stats = await queue.stats()
+    assert (stats.ready, stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0, 0), stats
+
+
 # -- SIGKILL -----------------------------------------------------------------------------
 
 
@@ -223,18 +247,7 @@ async def test_sigterm_returns_prefetched_at_once(
     assert len(started_ids) == len(set(started_ids)), f"handled twice before SIGTERM: {started}"
     assert sorted(done) == sorted(started), "a handler running at SIGTERM did not finish"
     assert set(started_ids) == set(ids[: len(started_ids)]), "handlers did not start in publish order"
-    ready = await ready_envelopes(raw, queue)
-    assert [e.id for e in ready] == ids[len(started_ids) :], "the unstarted messages are not back, in order"
-    raised = {e.id: e.attempts + 1 for e in ready if e.attempts}
-    assert not raised, f"returned unstarted message(s) no longer have deliveries == 1: {raised}"
-
-    seen: dict[str, list[int]] = {}
-    await drain(mq, queue, set(ids) - set(started_ids), seen)
-    assert not (seen.keys() & set(started_ids)), "a message handled before SIGTERM was delivered again"
-    assert seen.keys() | set(started_ids) == set(ids)
-    assert all(d == [1] for d in seen.values()), f"duplicates or raised counts after SIGTERM: {seen}"
-    stats = await queue.stats()
-    assert (stats.ready, stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0, 0), stats
+    await assert_unstarted_back_then_drain(mq, raw, queue, ids, started_ids, "SIGTERM")
 
 
 async def test_cancelled_run_returns_prefetched_and_finishes_running(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
@@ -265,15 +278,4 @@ async def test_cancelled_run_returns_prefetched_and_finishes_running(mq: aioredm
     stats = await queue.stats()
     assert (stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0), stats
     assert stats.consumers == {}, f"the consumer did not deregister: {stats}"
-    ready = await ready_envelopes(raw, queue)
-    assert [e.id for e in ready] == ids[len(started_ids) :], "the unstarted messages are not back, in order"
-    raised = {e.id: e.attempts + 1 for e in ready if e.attempts}
-    assert not raised, f"returned unstarted message(s) no longer have deliveries == 1: {raised}"
-
-    seen: dict[str, list[int]] = {}
-    await drain(mq, queue, set(ids) - set(started_ids), seen)
-    assert not (seen.keys() & set(started_ids)), "a message handled (and acked) before the cancel came back"
-    assert seen.keys() | set(started_ids) == set(ids)
-    assert all(d == [1] for d in seen.values()), f"duplicates or raised counts after the cancel: {seen}"
-    stats = await queue.stats()
-    assert (stats.ready, stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0, 0), stats
+    await assert_unstarted_back_then_drain(mq, raw, queue, ids, started_ids, "the cancel")
