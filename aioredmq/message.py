@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .config import check_positive
@@ -75,8 +75,7 @@ class Message(Generic[T]):
         self._claim("dead-letter")
         self._consumer._settle_dead(self, reason)
 
-    @contextlib.asynccontextmanager
-    async def process(self) -> AsyncIterator[Message[T]]:
+    def process(self) -> _Processing[T]:
         """Ack when the block succeeds; nack (retry or dead-letter) when it raises.
 
         An exception from the block is logged with the message id and not re-raised:
@@ -85,26 +84,46 @@ class Message(Generic[T]):
         Settling only queues the settle (the consumer's flusher sends it), so nothing here
         awaits I/O and a cancellation cannot cut a settle in half.
         """
-        try:
-            yield self
-        except Exception as exc:
+        return _Processing(self)
+
+
+class _Processing(Generic[T]):
+    """``async with msg.process()``: a class, not a generator, since it runs per message."""
+
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Message[T]) -> None:
+        self._msg = msg
+
+    async def __aenter__(self) -> Message[T]:
+        return self._msg
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        msg = self._msg
+        if exc is None:
+            if not msg._settled:
+                msg._claim("ack")
+                msg._consumer._settle_ack(msg)
+            return False
+        if isinstance(exc, Exception):
             log.warning(
                 "handler failed for message %s (delivery %d): %r",
-                self.id,
-                self.deliveries,
+                msg.id,
+                msg.deliveries,
                 exc,
                 exc_info=exc,
-                extra={"message_id": self.id, "deliveries": self.deliveries},
+                extra={"message_id": msg.id, "deliveries": msg.deliveries},
             )
-            if not self._settled:
-                self._claim("nack")
-                self._consumer._settle_nack(self, None, f"{type(exc).__name__}: {exc}")
-        except BaseException:
-            if not self._settled:
-                self._claim("give back")
-                self._consumer._settle_release(self)
-            raise
-        else:
-            if not self._settled:
-                self._claim("ack")
-                self._consumer._settle_ack(self)
+            if not msg._settled:
+                msg._claim("nack")
+                msg._consumer._settle_nack(msg, None, f"{type(exc).__name__}: {exc}")
+            return True  # handled: the message's fate records it
+        if not msg._settled:  # cancellation or another BaseException: give it back
+            msg._claim("give back")
+            msg._consumer._settle_release(msg)
+        return False
