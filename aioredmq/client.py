@@ -218,6 +218,7 @@ class Client:
         prefetch: int | None = None,
         handler_timeout_s: float | None = None,
         grace_s: float = 30.0,
+        name: str | None = None,
     ) -> None:
         """Run ``handler`` on every message of ``queue`` until cancelled. See :func:`run`."""
         from .runner import run
@@ -229,6 +230,7 @@ class Client:
             prefetch=prefetch,
             handler_timeout_s=handler_timeout_s,
             grace_s=grace_s,
+            name=name,
         )
 
 

@@ -337,7 +337,7 @@ class Consumer(Generic[T]):
         settled: set[bytes] = set()
         self._settled_while_listing = settled
         try:
-            listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
+            listed = await self._list_inflight()
         finally:
             self._settled_while_listing = None
         orphans = [raw for raw in reversed(listed) if raw not in self._held and raw not in settled]
@@ -346,8 +346,15 @@ class Consumer(Generic[T]):
             log.info("consumer %s adopted %d message(s) moved by a lost reply", self.name, len(orphans))
             self._accept(orphans)
 
+    async def _list_inflight(self) -> list[bytes]:
+        """Our in-flight list as Redis has it, newest first."""
+        listed: list[bytes] = await execute(
+            self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,)
+        )
+        return listed
+
     async def _return_orphans(self) -> None:
-        listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
+        listed = await self._list_inflight()
         args: list[Any] = [0]
         for raw in listed:  # newest first: each goes to the front, so the oldest ends first
             if raw not in self._held:
@@ -357,7 +364,7 @@ class Consumer(Generic[T]):
 
     async def _recover_own_leftovers(self) -> None:
         """A consumer restarted under a fixed name finds its last life's in-flight list."""
-        listed = await execute(self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
+        listed = await self._list_inflight()
         if listed:
             log.warning("consumer %s found %d message(s) left from a previous run", self.name, len(listed))
             for raw in listed:

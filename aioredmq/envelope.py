@@ -49,6 +49,12 @@ class Envelope:
     body: bytes
 
 
+def _after_id(attempts: int, published_ms: int, codec: str, headers: dict[str, str] | None) -> bytes:
+    """Everything of the header after the id, then the headers: the one place the format is spelled."""
+    h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
+    return b" %d %d %b %d\n%b" % (attempts, published_ms, codec.encode(), len(h), h)
+
+
 def encode(
     message_id: str,
     attempts: int,
@@ -57,17 +63,7 @@ def encode(
     headers: dict[str, str] | None,
     body: bytes,
 ) -> bytes:
-    h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
-    return b"%b %b %d %d %b %d\n%b%b" % (
-        MAGIC,
-        message_id.encode(),
-        attempts,
-        published_ms,
-        codec.encode(),
-        len(h),
-        h,
-        body,
-    )
+    return MAGIC + b" " + message_id.encode() + _after_id(attempts, published_ms, codec, headers) + body
 
 
 def encode_many(
@@ -78,8 +74,7 @@ def encode_many(
     bodies: list[bytes],
 ) -> list[bytes]:
     """Envelopes of a batch that shares its publish time, codec and headers (attempts 0)."""
-    h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
-    tail = b" 0 %d %b %d\n%b" % (published_ms, codec.encode(), len(h), h)
+    tail = _after_id(0, published_ms, codec, headers)
     head = MAGIC + b" "
     return [head + mid.encode() + tail + body for mid, body in zip(message_ids, bodies, strict=True)]
 

@@ -275,6 +275,23 @@ async def consume_all(consumer: aioredmq.Consumer[object], expected: set[str], t
     return seen
 
 
+async def assert_each_once_and_all_gone(
+    queue: aioredmq.Queue[object],
+    raw: aioredis.Redis,
+    consumer: aioredmq.Consumer[object],
+    published: set[str],
+    seen: Counter[str],
+) -> None:
+    """Every published id was delivered once (adoption delivers each orphan once) and acked,
+    and nothing is left: no message anywhere, no consumer, no in-flight list."""
+    assert set(seen) == published
+    assert max(seen.values()) == 1
+    assert consumer.stats.acked == len(published)
+    stats = await settled_stats(queue, ready=0, in_flight=0, delayed=0, dead=0)
+    assert stats.consumers == {}
+    assert await raw.llen(queue.keys.inflight(consumer.name)) == 0
+
+
 async def test_lost_take_reply_is_repaired_by_adopting_orphans(
     proxy: FaultProxy, pmq: aioredmq.Client, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -288,12 +305,7 @@ async def test_lost_take_reply_is_repaired_by_adopting_orphans(
         assert fault.replies[0].startswith(b"*5\r\n"), "a take moves half the prefetch"
         assert consumer.stats.adopted == 5
         assert consumer.stats.connection_errors >= 1
-    assert set(seen) == published
-    assert max(seen.values()) == 1  # adoption delivers each orphan once
-    assert consumer.stats.acked == len(published)
-    stats = await settled_stats(queue, ready=0, in_flight=0, delayed=0, dead=0)
-    assert stats.consumers == {}
-    assert await raw.llen(queue.keys.inflight(consumer.name)) == 0
+    await assert_each_once_and_all_gone(queue, raw, consumer, published, seen)
 
 
 async def test_lost_blmove_reply_is_repaired_by_adopting_the_orphan(
@@ -313,12 +325,7 @@ async def test_lost_blmove_reply_is_repaired_by_adopting_the_orphan(
         assert fault.fired == 1
         assert fault.replies[0].startswith(b"$")  # a bulk reply: the message had moved
         assert consumer.stats.adopted == 1
-    assert set(seen) == published
-    assert max(seen.values()) == 1
-    assert consumer.stats.acked == len(published)
-    stats = await settled_stats(queue, ready=0, in_flight=0, delayed=0, dead=0)
-    assert stats.consumers == {}
-    assert await raw.llen(queue.keys.inflight(consumer.name)) == 0
+    await assert_each_once_and_all_gone(queue, raw, consumer, published, seen)
 
 
 # -- c. settle: a lost reply to an ack ---------------------------------------------------

@@ -363,3 +363,69 @@ async def test_publish_many_beyond_the_buffer_keeps_order(mq: aioredmq.Client, r
     assert len(set(ids)) == 1050
     stored = [e.split(b" ")[1].decode() for e in reversed(await lrange_bytes(raw, q.keys.ready))]
     assert stored == ids
+
+
+async def test_closing_the_client_closes_its_open_consumers_first(redis_url: str, raw: aioredis.Redis) -> None:
+    mq = aioredmq.connect(redis_url)
+    await mq.__aenter__()
+    q = mq.queue("client-close")
+    ids = await q.publish_many(range(5))
+    consumer = q.consume(prefetch=5, block_s=0.1)
+    await consumer.__aenter__()
+    await wait_for(lambda: consumer.held == 5, 5, "a full prefetch")
+    await mq.aclose()  # the consumer was never closed by its owner
+    assert consumer.closed
+    assert [e.split(b" ")[1].decode() for e in reversed(await lrange_bytes(raw, q.keys.ready))] == ids
+    assert await raw.zcard(q.keys.leases) == 0
+
+
+async def test_a_move_landing_without_an_error_is_found_by_the_heartbeat(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A move whose reply never came, yet raised nothing (a stalled server answering late),
+    leaves a message in the in-flight list that the consumer does not know of."""
+    from aioredmq.envelope import encode
+    from aioredmq.ids import new_id
+
+    q = mq.queue("stray", lease_s=0.3)
+    mid = new_id()
+    async with q.consume(block_s=0.1) as consumer:
+        # Straight into its in-flight list: no fetch of its own will ever see this one.
+        await raw.lpush(q.keys.inflight(consumer.name), encode(mid, 0, 1, "json", None, b'"stray"'))
+        with anyio.fail_after(5):
+            msg = await consumer.__anext__()
+        assert (msg.id, msg.deliveries, msg.body) == (mid, 1, "stray")
+        assert consumer.stats.adopted == 1
+        await msg.ack()
+    await settled_stats(q, ready=0, in_flight=0)
+
+
+async def test_settles_of_large_messages_go_out_in_bounded_calls(
+    mq: aioredmq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioredmq.scripts import Script
+
+    sizes: list[int] = []
+    call = Script.__call__
+
+    async def recording(self: Script, redis: aioredis.Redis, keys: Any, args: Any = ()) -> Any:
+        if self.name == "settle":
+            sizes.append(sum(len(a) for a in args if isinstance(a, bytes)))
+        return await call(self, redis, keys, args)
+
+    monkeypatch.setattr(Script, "__call__", recording)
+    q = mq.queue("big-settles", max_body_bytes=2 * 1024 * 1024)
+    await q.publish_many([b"x".hex() * (600 * 1024)] * 12)  # ~1.2 MB each
+    async with q.consume(prefetch=12, block_s=0.1) as consumer:
+        held = [await consumer.__anext__() for _ in range(12)]
+        for msg in held:  # old and new bytes travel for each: ~29 MB, over the 8 MB bound
+            await msg.nack(delay_s=0)
+        again = [await consumer.__anext__() for _ in range(12)]
+        assert sorted(m.id for m in again) == sorted(m.id for m in held)
+        assert {m.deliveries for m in again} == {2}
+        for msg in again:
+            await msg.ack()
+    await settled_stats(q, ready=0, in_flight=0, delayed=0)
+    one = 2 * 1_300_000  # a nack carries the held and the new envelope
+    assert sum(sizes) > 3 * 8 * 1024 * 1024, "the test does exceed the bound"
+    assert max(sizes) <= 8 * 1024 * 1024 + one, "a settle call carried far more than the bound"
