@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - hiredis is a dependency, but may be mi
     _pack_command = None
 
 if TYPE_CHECKING:
-    from .consumer import Consumer
+    from .base_consumer import BaseConsumer
     from .message import Message
     from .queue import Queue
 
@@ -90,7 +90,7 @@ class Client:
         self._state = _State.UNOPENED
         self._tasks = Tasks()
         self._queues: dict[str, Queue[Any]] = {}
-        self.consumers: set[Consumer[Any]] = set()  # open ones; closed before the pools
+        self.consumers: set[BaseConsumer[Any]] = set()  # open ones; closed before the pools
         self._dedicated: set[Redis] = set()
 
     # -- lifecycle -------------------------------------------------------------------

@@ -21,28 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-from collections import deque
-from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from .base_consumer import BaseConsumer, ConsumerStats
 from .commands import execute
-from .config import check_positive
-from .envelope import decode, encode_dead, with_attempts
-from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
-from .keys import check_name
+from .envelope import decode, with_attempts
+from .errors import TRANSIENT, AioredmqError, DecodeError
 from .message import Message
 from .scripts import script
-from .tasks import Tasks, cancel_and_wait
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from .queue import Queue
 
 __all__ = ("Consumer", "ConsumerStats")
@@ -50,37 +41,10 @@ __all__ = ("Consumer", "ConsumerStats")
 log = logging.getLogger("aioredmq.consumer")
 T = TypeVar("T")
 
-_MAX_SETTLE_BATCH = 1000
-_MAX_SETTLE_BYTES = 8 * 1024 * 1024
 _REAP_BATCH = 16
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def default_consumer_name() -> str:
-    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:60]
-    return f"{host or 'host'}-{os.getpid()}-{os.urandom(3).hex()}"
-
-
-@dataclass(slots=True)
-class ConsumerStats:
-    """Counters of one consumer, since it opened."""
-
-    fetched: int = 0
-    delivered: int = 0
-    acked: int = 0
-    nacked: int = 0
-    dead_lettered: int = 0
-    returned: int = 0
-    late_settles: int = 0
-    adopted: int = 0
-    reaped_consumers: int = 0
-    connection_errors: int = 0
-
-
-class Consumer(Generic[T]):
+class Consumer(BaseConsumer[T]):
     """Iterate with ``async with queue.consume() as c: async for msg in c``."""
 
     def __init__(
@@ -92,167 +56,37 @@ class Consumer(Generic[T]):
         block_s: float = 5.0,
         close_timeout_s: float = 10.0,
     ) -> None:
-        check_positive("prefetch", prefetch, integer=True)
-        check_positive("block_s", block_s)
-        check_positive("close_timeout_s", close_timeout_s)
+        super().__init__(
+            queue.client,
+            label=queue.name,
+            codec=queue.codec,
+            retry=queue.retry,
+            lease_s=queue.lease_s,
+            prefetch=prefetch,
+            name=name,
+            block_s=block_s,
+            close_timeout_s=close_timeout_s,
+        )
         self.queue = queue
-        self.name = check_name("name", name) if name is not None else default_consumer_name()
-        self.prefetch = prefetch
-        # A blocking wait must end well inside the lease: the reaper forgets an expired, empty
-        # lease after one more lease, and a dead consumer's BLMOVE landing later would be lost.
-        self.block_s = min(block_s, queue.lease_s / 3)
-        self.close_timeout_s = close_timeout_s
-        self.stats = ConsumerStats()
         keys = queue.keys
         self._inflight = keys.inflight(self.name)
         self._take_keys = (keys.ready, self._inflight, keys.leases)
         self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead)
-        self._lease_ms = int(queue.lease_s * 1000)
         # Take at most half the prefetch per call: the next batch is on its way while this
         # one is handled, instead of fetch, handle and settle taking turns.
         self._take_max = max(1, prefetch // 2)
-        # raw envelope -> its message (None until decoded), for everything in our in-flight list
-        self._held: dict[bytes, Message[T] | None] = {}
-        self._ready: deque[Message[T]] = deque()
-        self._has_ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._settles: list[tuple[bytes, bytes, bytes, int]] = []
-        self._settle_wake = asyncio.Event()
-        self._settled_all = asyncio.Event()
-        self._settled_all.set()
         self._timer_wake = asyncio.Event()
         self._next_due: float | None = None
-        self._error: BaseException | None = None
-        self._stopped = False
         self._look_for_orphans = False
-        self._state = 0  # 0 new, 1 open, 2 closing/closed
-        self._tasks = Tasks(on_crash=self._crashed)
-        self._fetch_task: asyncio.Task[None] | None = None
-        self._conn: Redis | None = None
-        # While _adopt_orphans waits for its LRANGE: envelopes that settles removed meanwhile.
-        # The listing may predate their removal, so they must not be taken for orphans.
-        self._settled_while_listing: set[bytes] | None = None
 
-    # -- lifecycle -------------------------------------------------------------------
+    async def _open(self) -> None:
+        await self._tick()
+        await self._recover_own_leftovers()
 
-    async def __aenter__(self) -> Consumer[T]:
-        if self._state:
-            raise ClosedError("a Consumer can be opened only once; call queue.consume() again")
-        client = self.queue.client
-        client.check_open()
-        self._state = 1
-        self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
-        client.consumers.add(self)
-        try:
-            await self._tick()
-            await self._recover_own_leftovers()
-        except BaseException:
-            self._state = 2
-            client.consumers.discard(self)
-            await client.release_dedicated(self._conn)
-            raise
-        self._fetch_task = self._tasks.spawn(self._fetch_loop(), f"aioredmq-fetch-{self.name}")
-        self._tasks.spawn(self._settle_loop(), f"aioredmq-settle-{self.name}")
-        self._tasks.spawn(self._timer_loop(), f"aioredmq-timer-{self.name}")
-        return self
-
-    def _crashed(self, exc: BaseException) -> None:
-        self._error = exc
-        self._has_ready.set()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._state == 2
-
-    async def aclose(self) -> None:
-        """Stop fetching, give back what is unfinished, flush settles, deregister."""
-        if self._state != 1:
-            self._state = 2
-            return
-        self._state = 2
-        with anyio.CancelScope(shield=True):
-            if self._fetch_task is not None:
-                await cancel_and_wait(self._fetch_task)
-            self._has_ready.set()  # wake iterators: they stop
-            # Never handed out: back to the front in the same order, count unchanged.
-            unstarted = list(self._ready)
-            self._ready.clear()
-            for msg in reversed(unstarted):
-                msg._settled = True
-                self._enqueue(msg.raw, b"F", msg.raw, 0)
-            self.stats.returned += len(unstarted)
-            # Handed out but never settled: a delivery that did not finish.
-            for raw, held in list(self._held.items()):
-                if held is not None and not held._settled:
-                    held._settled = True
-                    self._enqueue_release(raw)
-            clean = False
-            try:
-                with anyio.move_on_after(self.close_timeout_s):
-                    await self._settled_all.wait()
-                    # A blocking move cancelled above may still have landed: hand it back.
-                    await self._return_orphans()
-                    await script("deregister")(
-                        self.queue.client.redis, (self.queue.keys.leases, self._inflight), (self.name,)
-                    )
-                    clean = True
-            except AioredmqError as exc:
-                log.warning("consumer %s: close could not finish in Redis: %s", self.name, exc)
-            if not clean:
-                log.warning(
-                    "consumer %s closed before every settle reached Redis; %d message(s) "
-                    "stay in flight and return when its lease expires",
-                    self.name,
-                    len(self._held),
-                )
-            try:
-                await self._tasks.aclose()
-            finally:
-                self.queue.client.consumers.discard(self)
-                if self._conn is not None:
-                    await self.queue.client.release_dedicated(self._conn)
-
-    # -- iteration -------------------------------------------------------------------
-
-    def __aiter__(self) -> Consumer[T]:
-        return self
-
-    def stop_delivery(self) -> None:
-        """Hand out no more messages: iterators end; what is buffered returns on close."""
-        self._stopped = True
-        self._has_ready.set()
-
-    async def __anext__(self) -> Message[T]:
-        if self._stopped or self._state == 2:
-            raise StopAsyncIteration
-        while not self._ready:
-            if self._stopped:
-                raise StopAsyncIteration
-            if self._state != 1:
-                if self._state == 0:
-                    raise ClosedError("the consumer is not open: use 'async with queue.consume()'")
-                raise StopAsyncIteration
-            if self._error is not None:
-                raise self._error
-            self._has_ready.clear()
-            await self._has_ready.wait()
-        msg: Message[T] = self._ready.popleft()
-        msg._started = True
-        self.stats.delivered += 1
-        return msg
-
-    @property
-    def held(self) -> int:
-        """Messages in this consumer's in-flight list (fetched and not yet settled)."""
-        return len(self._held)
+    async def _close_in_redis(self) -> None:
+        # A blocking move cancelled on close may still have landed: hand it back.
+        await self._return_orphans()
+        await script("deregister")(self.client.redis, (self.queue.keys.leases, self._inflight), (self.name,))
 
     # -- fetch -----------------------------------------------------------------------
 
@@ -266,9 +100,7 @@ class Consumer(Generic[T]):
         # Loop on state, not only on cancellation: redis-py turns a cancel that lands in a
         # blocking read into a ConnectionError, which would otherwise look transient.
         while self._state == 1:
-            while len(self._held) >= self.prefetch:
-                self._room.clear()
-                await self._room.wait()
+            await self._wait_for_room()
             try:
                 if failures or self._look_for_orphans:
                     self._look_for_orphans = False
@@ -292,54 +124,21 @@ class Consumer(Generic[T]):
                     return
                 idle = False
                 failures += 1
-                self.stats.connection_errors += 1
-                delay = min(0.05 * 2**failures, 2.0)
-                log.warning("consumer %s: fetch failed (%s); retrying in %.2fs", self.name, exc, delay)
-                await anyio.sleep(delay)
+                await self._pause_after_failure("fetch", exc, failures)
                 continue
             except AioredmqError as exc:
-                # Not transient (wrong key type, missing permission, ...): the iterator raises it.
-                log.error("consumer %s: fetch stopped: %s", self.name, exc)
-                self._error = exc
-                self._has_ready.set()
+                self._fail("fetch", exc)
                 return
             self._accept(items)
 
     def _accept(self, items: list[bytes]) -> None:
         """Take ownership of envelopes now in our in-flight list (oldest first)."""
-        queue = self.queue
-        codec = queue.codec
-        for raw in items:
-            self._held[raw] = None
-            try:
-                env = decode(raw)
-                if env.codec != codec.name:
-                    raise DecodeError(f"body was written with codec {env.codec!r}; this queue uses {codec.name!r}")
-                try:
-                    body = codec.decode(env.body)
-                except DecodeError:
-                    raise
-                except Exception as exc:  # a codec of the user's may raise anything
-                    raise DecodeError(f"codec {codec.name!r} failed: {exc!r}") from exc
-            except (DecodeError, RecursionError) as exc:
-                self.stats.dead_lettered += 1
-                log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
-                self._enqueue(raw, b"X", encode_dead(raw, f"undecodable: {exc}", _now_ms()), 0)
-                continue
-            msg = Message(self, raw, env, body)
-            self._held[raw] = msg
-            self._ready.append(msg)
-        self.stats.fetched += len(items)
-        self._has_ready.set()
+        msgs = [msg for raw in items if (msg := self._accept_one(raw, raw, None)) is not None]
+        self._deliver(msgs, len(items))
 
     async def _adopt_orphans(self) -> None:
         """After a lost reply: what our in-flight list holds that we do not know is ours."""
-        settled: set[bytes] = set()
-        self._settled_while_listing = settled
-        try:
-            listed = await self._list_inflight()
-        finally:
-            self._settled_while_listing = None
+        listed, settled = await self._listing(self._list_inflight())
         orphans = [raw for raw in reversed(listed) if raw not in self._held and raw not in settled]
         if orphans:
             self.stats.adopted += len(orphans)
@@ -348,9 +147,7 @@ class Consumer(Generic[T]):
 
     async def _list_inflight(self) -> list[bytes]:
         """Our in-flight list as Redis has it, newest first."""
-        listed: list[bytes] = await execute(
-            self.queue.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,)
-        )
+        listed: list[bytes] = await execute(self.client.redis, "LRANGE", self._inflight, 0, -1, keys=(self._inflight,))
         return listed
 
     async def _return_orphans(self) -> None:
@@ -360,7 +157,7 @@ class Consumer(Generic[T]):
             if raw not in self._held:
                 args += (raw, b"F", raw, 0)
         if len(args) > 1:
-            await script("settle")(self.queue.client.redis, self._settle_keys, args)
+            await script("settle")(self.client.redis, self._settle_keys, args)
 
     async def _recover_own_leftovers(self) -> None:
         """A consumer restarted under a fixed name finds its last life's in-flight list."""
@@ -368,125 +165,48 @@ class Consumer(Generic[T]):
         if listed:
             log.warning("consumer %s found %d message(s) left from a previous run", self.name, len(listed))
             for raw in listed:
-                self._enqueue_release(raw)
+                try:
+                    deliveries = decode(raw).attempts + 1
+                except DecodeError:
+                    deliveries = 1
+                self._release(raw, raw, deliveries, "delivery did not finish (consumer restarted)")
             await self._flush_settles()
 
     # -- settling --------------------------------------------------------------------
 
-    def _enqueue(self, raw: bytes, action: bytes, value: bytes, score: int) -> None:
-        if self._state == 0:
-            raise ClosedError("the consumer is not open")
-        self._settles.append((raw, action, value, score))
-        self._settled_all.clear()
-        self._settle_wake.set()
-
-    def _enqueue_release(self, raw: bytes, *, reason: str = "") -> None:
-        """A delivery ended without an ack or nack: front of ready with a raised count."""
-        try:
-            attempts = decode(raw).attempts + 1
-        except DecodeError as exc:
-            self.stats.dead_lettered += 1
-            self._enqueue(raw, b"X", encode_dead(raw, f"undecodable: {exc}", _now_ms()), 0)
-            return
-        max_deliveries = self.queue.retry.max_deliveries
-        if attempts >= max_deliveries:
-            why = reason or "delivery did not finish (consumer closed or restarted)"
-            why = f"{why}; delivered {attempts} times (max_deliveries={max_deliveries})"
-            self.stats.dead_lettered += 1
-            self._enqueue(raw, b"X", encode_dead(raw, why, _now_ms()), 0)
-        else:
-            self.stats.returned += 1
-            self._enqueue(raw, b"F", with_attempts(raw, attempts), 0)
-
-    def _settle_ack(self, msg: Message[T]) -> None:
-        self.stats.acked += 1
+    def _ack_tag(self, msg: Message[T]) -> bytes:
         # An ack names the delivery by id and attempt count, not by its (maybe large) bytes.
-        self._enqueue(msg.raw, b"A", b"%b %d" % (msg.id.encode(), msg.deliveries - 1), 0)
+        return b"%b %d" % (msg.id.encode(), msg.deliveries - 1)
 
-    def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
-        policy = self.queue.retry
-        if msg.deliveries >= policy.max_deliveries:
-            why = f"{reason}; delivered {msg.deliveries} times (max_deliveries={policy.max_deliveries})"
-            self._settle_dead(msg, why)
+    def _return_unstarted(self, msgs: list[Message[T]]) -> None:
+        for msg in reversed(msgs):  # each goes to the front: the oldest ends up first
+            self._enqueue(msg.raw, b"F", msg.raw, 0)
+
+    def _release(self, ref: bytes, raw: bytes, deliveries: int, reason: str) -> None:
+        """Front of ready with the count raised, or dead-letter at the limit."""
+        limit = self.retry.max_deliveries
+        if deliveries >= limit:
+            self._dead(ref, raw, f"{reason}; delivered {deliveries} times (max_deliveries={limit})")
             return
-        self.stats.nacked += 1
-        delay = policy.backoff_s(msg.deliveries) if delay_s is None else delay_s
+        try:
+            decode(raw)
+        except DecodeError as exc:
+            self._dead(ref, raw, f"undecodable: {exc}")
+            return
+        self.stats.returned += 1
+        self._enqueue(ref, b"F", with_attempts(raw, deliveries), 0)
+
+    def _retry(self, msg: Message[T], delay_s: float | None) -> None:
+        assert delay_s is not None
         retry = with_attempts(msg.raw, msg.deliveries)
-        if delay <= 0:
+        if delay_s <= 0:
             self._enqueue(msg.raw, b"B", retry, 0)
             return
-        self._enqueue(msg.raw, b"D", retry, max(1, int(delay * 1000)))
-        due = time.monotonic() + delay
+        self._enqueue(msg.raw, b"D", retry, max(1, int(delay_s * 1000)))
+        due = time.monotonic() + delay_s
         if self._next_due is None or due < self._next_due:
             self._next_due = due
             self._timer_wake.set()
-
-    def _settle_dead(self, msg: Message[T], reason: str) -> None:
-        self.stats.dead_lettered += 1
-        self._enqueue(msg.raw, b"X", encode_dead(msg.raw, reason, _now_ms()), 0)
-
-    def _settle_release(self, msg: Message[T]) -> None:
-        self._enqueue_release(msg.raw, reason="handler cancelled")
-
-    async def _settle_loop(self) -> None:
-        while True:
-            await self._settle_wake.wait()
-            self._settle_wake.clear()
-            failures = 0
-            while self._settles:
-                try:
-                    await self._flush_settles()
-                    failures = 0
-                except TRANSIENT as exc:
-                    # Safe to resend: a settle already applied finds nothing to remove.
-                    failures += 1
-                    self.stats.connection_errors += 1
-                    delay = min(0.05 * 2**failures, 2.0)
-                    log.warning("consumer %s: settle failed (%s); retrying in %.2fs", self.name, exc, delay)
-                    await anyio.sleep(delay)
-                except AioredmqError as exc:
-                    # Refused (BUSY, READONLY, NOREPLICAS, MISCONF, ...). Dropping the batch would
-                    # leave it in our in-flight list, which no reaper looks at while we renew the
-                    # lease. Settles are idempotent: retry, slowly.
-                    failures += 1
-                    delay = min(0.05 * 2**failures, 5.0)
-                    log.error("consumer %s: settle refused (%s); retrying in %.2fs", self.name, exc, delay)
-                    await anyio.sleep(delay)
-            self._settled_all.set()
-
-    async def _flush_settles(self) -> None:
-        size = count = 0
-        for raw, action, value, _ in self._settles[:_MAX_SETTLE_BATCH]:
-            count += 1
-            size += len(value) if action == b"A" else len(raw) + len(value)
-            if size > _MAX_SETTLE_BYTES:  # big envelopes: keep one call well inside Redis' limits
-                break
-        batch = self._settles[:count]
-        acks = [item for item in batch if item[1] == b"A"]
-        others = [item for item in batch if item[1] != b"A"]
-        args: list[Any] = [len(acks)]
-        args += [tag for _, _, tag, _ in acks]
-        for item in others:
-            args += item
-        with anyio.CancelScope(shield=True):
-            late = await script("settle")(self.queue.client.redis, self._settle_keys, args)
-        del self._settles[: len(batch)]
-        ordered = acks + others
-        for position in late:
-            raw = ordered[position - 1][0]
-            self.stats.late_settles += 1
-            msg = self._held.get(raw)
-            log.warning(
-                "consumer %s: late settle of message %s: its lease was lost and it was recovered elsewhere",
-                self.name,
-                msg.id if msg is not None else "?",
-            )
-        listing = self._settled_while_listing
-        for raw, *_ in batch:
-            self._held.pop(raw, None)
-            if listing is not None:
-                listing.add(raw)
-        self._room.set()
 
     # -- timer: heartbeat, reap, promote ---------------------------------------------
 
@@ -494,7 +214,7 @@ class Consumer(Generic[T]):
         """Renew the lease and move due retries; return the consumers whose lease expired."""
         keys = self.queue.keys
         moved, next_ms, in_flight, *expired = await script("heartbeat")(
-            self.queue.client.redis,
+            self.client.redis,
             (keys.leases, keys.delayed, keys.ready, self._inflight),
             (self.name, self._lease_ms, _REAP_BATCH, 1000),
         )

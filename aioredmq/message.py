@@ -12,7 +12,7 @@ from .envelope import Envelope
 from .errors import MessageStateError
 
 if TYPE_CHECKING:
-    from .consumer import Consumer
+    from .base_consumer import BaseConsumer
 
 __all__ = ("Message",)
 
@@ -27,15 +27,29 @@ class Message(Generic[T]):
     deduplicate. ``deliveries`` counts this delivery too (1 on the first).
     """
 
-    __slots__ = ("_consumer", "_settled", "_started", "body", "deliveries", "headers", "id", "published_at", "raw")
+    __slots__ = (
+        "_consumer",
+        "_ref",
+        "_settled",
+        "_started",
+        "body",
+        "deliveries",
+        "headers",
+        "id",
+        "published_at",
+        "raw",
+    )
 
-    def __init__(self, consumer: Consumer[T], raw: bytes, env: Envelope, body: T) -> None:
+    def __init__(
+        self, consumer: BaseConsumer[T], ref: bytes, raw: bytes, env: Envelope, body: T, deliveries: int
+    ) -> None:
         self.id: str = env.id
         self.body: T = body
         self.headers: Mapping[str, str] = env.headers
-        self.deliveries: int = env.attempts + 1
+        self.deliveries: int = deliveries
         self.published_at: float = env.published_ms / 1000.0
         self.raw = raw
+        self._ref = ref  # what names this delivery in Redis: the envelope, or a stream entry id
         self._consumer = consumer
         self._settled = False
         self._started = False

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 
 from .config import check_positive
-from .consumer import Consumer
+from .base_consumer import BaseConsumer
 from .message import Message
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def _workers(
-    consumer: Consumer[T],
+    consumer: BaseConsumer[T],
     handler: Callable[[Message[T]], Awaitable[object]],
     concurrency: int,
     handler_timeout_s: float | None,
@@ -93,4 +93,4 @@ async def _workers(
     with shield:
         async with anyio.create_task_group() as tg:
             for i in range(concurrency):
-                tg.start_soon(worker, name=f"aioredmq-worker-{consumer.queue.name}-{i}")
+                tg.start_soon(worker, name=f"aioredmq-worker-{consumer.label}-{i}")

@@ -1,0 +1,428 @@
+"""What every consumer shares, whatever the transport: lifecycle, iteration, decoding
+and batched settling.
+
+A transport subclass supplies three loops' worth of Redis work:
+
+* ``_open()``: recover what a previous life under the same name left behind;
+* ``_fetch_loop()``: fill the held set up to ``prefetch``, calling ``_accept``;
+* ``_timer_loop()``: leases, recovery of crashed consumers, due retries;
+
+and the settle side: ``_settle_ack``, ``_retry`` and ``_release`` queue settles (a ref
+naming the delivery, an action, a value, a score) that ``_flush_settles`` sends as one
+script call, ``_settle_script`` with ``_settle_keys``. The script returns the positions
+of settles that came too late (the delivery was recovered elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+
+import anyio
+
+from .codecs import Codec
+from .config import RetryPolicy, check_positive
+from .envelope import Envelope, decode, encode_dead
+from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
+from .keys import check_name
+from .message import Message
+from .scripts import script
+from .tasks import Tasks, cancel_and_wait
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .client import Client
+
+__all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms")
+
+log = logging.getLogger("aioredmq.consumer")
+T = TypeVar("T")
+
+_MAX_SETTLE_BATCH = 1000
+_MAX_SETTLE_BYTES = 8 * 1024 * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def default_consumer_name() -> str:
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:60]
+    return f"{host or 'host'}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters of one consumer, since it opened."""
+
+    fetched: int = 0
+    delivered: int = 0
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    returned: int = 0
+    late_settles: int = 0
+    adopted: int = 0
+    reaped_consumers: int = 0
+    """List queues: expired consumers whose messages this one recovered."""
+    claimed: int = 0
+    """Streams: entries recovered from consumers that stopped renewing them."""
+    trimmed: int = 0
+    """Streams: pending entries found deleted (trimmed) before they were acked."""
+    connection_errors: int = 0
+
+
+class BaseConsumer(Generic[T]):
+    """Iterate with ``async with source.consume() as c: async for msg in c``."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        label: str,
+        codec: Codec,
+        retry: RetryPolicy,
+        lease_s: float,
+        prefetch: int,
+        name: str | None,
+        block_s: float,
+        close_timeout_s: float,
+    ) -> None:
+        check_positive("prefetch", prefetch, integer=True)
+        check_positive("block_s", block_s)
+        check_positive("close_timeout_s", close_timeout_s)
+        self.client = client
+        self.label = label
+        self.codec = codec
+        self.retry = retry
+        self.name = check_name("name", name) if name is not None else default_consumer_name()
+        self.prefetch = prefetch
+        # A blocking wait must end well inside the lease: a dead consumer's last blocking
+        # read must not land after its lease is recovered and forgotten.
+        self.block_s = min(block_s, lease_s / 3)
+        self.close_timeout_s = close_timeout_s
+        self.stats = ConsumerStats()
+        self._lease_ms = int(lease_s * 1000)
+        # ref (what names the delivery in Redis) -> its message (None while undecoded)
+        self._held: dict[bytes, Message[T] | None] = {}
+        self._ready: deque[Message[T]] = deque()
+        self._has_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._settles: list[tuple[bytes, bytes, bytes, int]] = []
+        self._settle_wake = asyncio.Event()
+        self._settled_all = asyncio.Event()
+        self._settled_all.set()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._state = 0  # 0 new, 1 open, 2 closing/closed
+        self._tasks = Tasks(on_crash=self._crashed)
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._conn: Redis | None = None
+        # While a listing of what Redis says we hold is on its way: refs that settles removed
+        # meanwhile. The listing may predate their removal, so they must not be taken for orphans.
+        self._settled_while_listing: set[bytes] | None = None
+        # Set by subclasses: the settle script, its keys, and arguments before the acks.
+        self._settle_script = script("settle")
+        self._settle_keys: tuple[str, ...] = ()
+        self._settle_head: tuple[str, ...] = ()
+
+    # -- transport hooks -------------------------------------------------------------
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _fetch_loop(self) -> None:
+        raise NotImplementedError
+
+    async def _timer_loop(self) -> None:
+        raise NotImplementedError
+
+    async def _close_in_redis(self) -> None:
+        """After every settle is flushed: hand back strays, deregister."""
+        raise NotImplementedError
+
+    def _ack_tag(self, msg: Message[T]) -> bytes:
+        raise NotImplementedError
+
+    def _retry(self, msg: Message[T], delay_s: float | None) -> None:
+        raise NotImplementedError
+
+    def _release(self, ref: bytes, raw: bytes, deliveries: int, reason: str) -> None:
+        """A delivery ended without an ack or nack (cancelled, closed, restarted)."""
+        raise NotImplementedError
+
+    def _return_unstarted(self, msgs: list[Message[T]]) -> None:
+        """Fetched, never handed out: back in line with the delivery count unchanged."""
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state:
+            raise ClosedError("a consumer can be opened only once; call consume() again")
+        client = self.client
+        client.check_open()
+        self._state = 1
+        self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
+        client.consumers.add(self)
+        try:
+            await self._open()
+        except BaseException:
+            self._state = 2
+            client.consumers.discard(self)
+            await client.release_dedicated(self._conn)
+            raise
+        self._fetch_task = self._tasks.spawn(self._fetch_loop(), f"aioredmq-fetch-{self.name}")
+        self._tasks.spawn(self._settle_loop(), f"aioredmq-settle-{self.name}")
+        self._tasks.spawn(self._timer_loop(), f"aioredmq-timer-{self.name}")
+        return self
+
+    def _crashed(self, exc: BaseException) -> None:
+        self._error = exc
+        self._has_ready.set()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._state == 2
+
+    async def aclose(self) -> None:
+        """Stop fetching, give back what is unfinished, flush settles, deregister."""
+        if self._state != 1:
+            self._state = 2
+            return
+        self._state = 2
+        with anyio.CancelScope(shield=True):
+            if self._fetch_task is not None:
+                await cancel_and_wait(self._fetch_task)
+            self._has_ready.set()  # wake iterators: they stop
+            unstarted = list(self._ready)
+            self._ready.clear()
+            for msg in unstarted:
+                msg._settled = True
+            if unstarted:
+                self._return_unstarted(unstarted)
+                self.stats.returned += len(unstarted)
+            for ref, held in list(self._held.items()):
+                if held is not None and not held._settled:
+                    held._settled = True
+                    self._release(ref, held.raw, held.deliveries, "delivery did not finish (consumer closed)")
+            clean = False
+            try:
+                with anyio.move_on_after(self.close_timeout_s):
+                    await self._settled_all.wait()
+                    await self._close_in_redis()
+                    clean = True
+            except AioredmqError as exc:
+                log.warning("consumer %s: close could not finish in Redis: %s", self.name, exc)
+            if not clean:
+                log.warning(
+                    "consumer %s closed before every settle reached Redis; %d message(s) "
+                    "stay with it and are recovered when its lease expires",
+                    self.name,
+                    len(self._held),
+                )
+            try:
+                await self._tasks.aclose()
+            finally:
+                self.client.consumers.discard(self)
+                if self._conn is not None:
+                    await self.client.release_dedicated(self._conn)
+
+    # -- iteration -------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    def stop_delivery(self) -> None:
+        """Hand out no more messages: iterators end; what is buffered returns on close."""
+        self._stopped = True
+        self._has_ready.set()
+
+    async def __anext__(self) -> Message[T]:
+        if self._stopped or self._state == 2:
+            raise StopAsyncIteration
+        while not self._ready:
+            if self._stopped:
+                raise StopAsyncIteration
+            if self._state != 1:
+                if self._state == 0:
+                    raise ClosedError("the consumer is not open: use 'async with source.consume()'")
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            self._has_ready.clear()
+            await self._has_ready.wait()
+        msg: Message[T] = self._ready.popleft()
+        msg._started = True
+        self.stats.delivered += 1
+        return msg
+
+    @property
+    def held(self) -> int:
+        """Messages this consumer holds: fetched and not yet settled."""
+        return len(self._held)
+
+    async def _wait_for_room(self) -> None:
+        while len(self._held) >= self.prefetch:
+            self._room.clear()
+            await self._room.wait()
+
+    async def _pause_after_failure(self, what: str, exc: AioredmqError, failures: int) -> None:
+        self.stats.connection_errors += 1
+        delay = min(0.05 * 2**failures, 2.0)
+        log.warning("consumer %s: %s failed (%s); retrying in %.2fs", self.name, what, exc, delay)
+        await anyio.sleep(delay)
+
+    def _fail(self, what: str, exc: AioredmqError) -> None:
+        """Not transient (wrong key type, missing permission, ...): the iterator raises it."""
+        log.error("consumer %s: %s stopped: %s", self.name, what, exc)
+        self._error = exc
+        self._has_ready.set()
+
+    # -- decoding --------------------------------------------------------------------
+
+    def _decode(self, raw: bytes) -> tuple[Envelope, T]:
+        env = decode(raw)
+        codec = self.codec
+        if env.codec != codec.name:
+            raise DecodeError(f"body was written with codec {env.codec!r}; this consumer uses {codec.name!r}")
+        try:
+            return env, codec.decode(env.body)
+        except DecodeError:
+            raise
+        except Exception as exc:  # a codec of the user's may raise anything
+            raise DecodeError(f"codec {codec.name!r} failed: {exc!r}") from exc
+
+    def _accept_one(self, ref: bytes, raw: bytes, deliveries: int | None) -> Message[T] | None:
+        """Take ownership of one delivery; dead-letter it if it does not decode.
+        ``deliveries`` defaults to what the envelope counts."""
+        self._held[ref] = None
+        try:
+            env, body = self._decode(raw)
+        except (DecodeError, RecursionError) as exc:
+            self.stats.dead_lettered += 1
+            log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
+            self._enqueue(ref, b"X", encode_dead(raw, f"undecodable: {exc}", now_ms()), 0)
+            return None
+        msg = Message(self, ref, raw, env, body, env.attempts + 1 if deliveries is None else deliveries)
+        self._held[ref] = msg
+        return msg
+
+    def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
+        self._ready.extend(msgs)
+        self.stats.fetched += fetched
+        self._has_ready.set()
+
+    # -- settling --------------------------------------------------------------------
+
+    def _enqueue(self, ref: bytes, action: bytes, value: bytes, score: int) -> None:
+        if self._state == 0:
+            raise ClosedError("the consumer is not open")
+        self._settles.append((ref, action, value, score))
+        self._settled_all.clear()
+        self._settle_wake.set()
+
+    def _settle_ack(self, msg: Message[T]) -> None:
+        self.stats.acked += 1
+        self._enqueue(msg._ref, b"A", self._ack_tag(msg), 0)
+
+    def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
+        policy = self.retry
+        if msg.deliveries >= policy.max_deliveries:
+            why = f"{reason}; delivered {msg.deliveries} times (max_deliveries={policy.max_deliveries})"
+            self._settle_dead(msg, why)
+            return
+        self.stats.nacked += 1
+        self._retry(msg, policy.backoff_s(msg.deliveries) if delay_s is None else delay_s)
+
+    def _settle_dead(self, msg: Message[T], reason: str) -> None:
+        self._dead(msg._ref, msg.raw, reason)
+
+    def _dead(self, ref: bytes, raw: bytes, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        self._enqueue(ref, b"X", encode_dead(raw, reason, now_ms()), 0)
+
+    def _settle_release(self, msg: Message[T]) -> None:
+        self._release(msg._ref, msg.raw, msg.deliveries, "handler cancelled")
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake.clear()
+            failures = 0
+            while self._settles:
+                try:
+                    await self._flush_settles()
+                    failures = 0
+                except TRANSIENT as exc:
+                    # Safe to resend: a settle already applied finds nothing to act on.
+                    failures += 1
+                    await self._pause_after_failure("settle", exc, failures)
+                except AioredmqError as exc:
+                    # Refused (BUSY, READONLY, NOREPLICAS, MISCONF, ...). Dropping the batch
+                    # would strand it with a consumer that keeps its lease alive. Settles
+                    # are idempotent: retry, slowly.
+                    failures += 1
+                    delay = min(0.05 * 2**failures, 5.0)
+                    log.error("consumer %s: settle refused (%s); retrying in %.2fs", self.name, exc, delay)
+                    await anyio.sleep(delay)
+            self._settled_all.set()
+
+    async def _flush_settles(self) -> None:
+        size = count = 0
+        for ref, action, value, _ in self._settles[:_MAX_SETTLE_BATCH]:
+            count += 1
+            size += len(value) if action == b"A" else len(ref) + len(value)
+            if size > _MAX_SETTLE_BYTES:  # big envelopes: keep one call well inside Redis' limits
+                break
+        batch = self._settles[:count]
+        acks = [item for item in batch if item[1] == b"A"]
+        others = [item for item in batch if item[1] != b"A"]
+        args: list[Any] = [*self._settle_head, len(acks)]
+        args += [tag for _, _, tag, _ in acks]
+        for item in others:
+            args += item
+        with anyio.CancelScope(shield=True):
+            late = await self._settle_script(self.client.redis, self._settle_keys, args)
+        del self._settles[: len(batch)]
+        ordered = acks + others
+        for position in late:
+            ref = ordered[position - 1][0]
+            self.stats.late_settles += 1
+            msg = self._held.get(ref)
+            log.warning(
+                "consumer %s: late settle of message %s: its lease was lost and it was recovered elsewhere",
+                self.name,
+                msg.id if msg is not None else "?",
+            )
+        listing = self._settled_while_listing
+        for ref, *_ in batch:
+            self._held.pop(ref, None)
+            if listing is not None:
+                listing.add(ref)
+        self._room.set()
+
+    async def _listing(self, coro: Any) -> tuple[Any, set[bytes]]:
+        """Await a listing of what Redis says we hold; also return the refs settled meanwhile."""
+        settled: set[bytes] = set()
+        self._settled_while_listing = settled
+        try:
+            return await coro, settled
+        finally:
+            self._settled_while_listing = None
