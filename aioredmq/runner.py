@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from .config import check_positive
 from .base_consumer import BaseConsumer
+from .config import check_positive
 from .message import Message
 
 if TYPE_CHECKING:
