@@ -1,4 +1,4 @@
-"""The coalescing producer of one queue.
+"""The coalescing producer of one queue or stream, and the publish API both share.
 
 ``send()`` puts a group of encoded envelopes into a bounded buffer and waits for
 its confirmation. One flusher task sends everything buffered as one publish-script
@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import time
 from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 import anyio
 
 from .client import Client
-from .errors import TRANSIENT, AioredmqError, ClosedError, PublishUnconfirmedError
-from .keys import QueueKeys
+from .codecs import Codec
+from .envelope import encode_many
+from .errors import TRANSIENT, AioredmqError, ClosedError, MessageTooLargeError, PublishUnconfirmedError
+from .ids import new_ids
 from .scripts import script
 
-__all__ = ("Producer",)
+__all__ = ("Producer", "Publishing")
+
+T = TypeVar("T")
 
 log = logging.getLogger("aioredmq.producer")
 
@@ -34,23 +40,35 @@ _Group = tuple[list[bytes], "asyncio.Future[None]"]
 
 
 class Producer:
-    """Batches the envelopes of one queue into publish-script calls."""
+    """Batches the envelopes of one queue or stream into publish-script calls.
+
+    The script takes ``(target, sequence record, *extra_keys)`` as KEYS and
+    ``(sequence, record lifetime, *extra_args, *envelopes)`` as ARGV, and replies the
+    number appended (-1: applied before), or that and the number a cap dropped.
+    """
 
     def __init__(
         self,
         client: Client,
-        keys: QueueKeys,
+        name: str,
         *,
+        script_name: str,
+        target: str,
+        producer_key: str,
+        extra_keys: tuple[str, ...] = (),
+        extra_args: tuple[Any, ...] = (),
         max_buffered: int,
         max_batch: int = 2000,
         max_batch_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._client = client
-        self._keys = keys
+        self._name = name
+        self._script = script(script_name)
+        self._keys = (target, producer_key, *extra_keys)
+        self._extra_args = extra_args
         self.max_buffered = max_buffered
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
-        self._producer_key = keys.producer(os.urandom(8).hex())
         self._seq = 0
         self._buf: deque[_Group] = deque()
         self._buffered = 0
@@ -77,7 +95,7 @@ class Producer:
                 raise ClosedError("the producer closed while waiting for buffer space")
         if not self._started:
             self._started = True
-            self._client.start_background(self._flush_loop(), name=f"aioredmq-producer-{self._keys.name}")
+            self._client.start_background(self._flush_loop(), name=f"aioredmq-producer-{self._name}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf.append((envelopes, fut))
         self._buffered += len(envelopes)
@@ -113,7 +131,7 @@ class Producer:
                         await self._send_batch(envs)
                 except Exception as exc:  # every caller must hear of it, whatever it is
                     if not isinstance(exc, AioredmqError):
-                        log.exception("unexpected error publishing to %s", self._keys.name)
+                        log.exception("unexpected error publishing to %s", self._name)
                     error = exc
                 for fut in futs:
                     if not fut.done():
@@ -125,30 +143,33 @@ class Producer:
 
     async def _send_batch(self, envs: list[bytes]) -> None:
         self._seq += 1
-        publish = script("publish")
-        keys = (self._keys.ready, self._producer_key)
-        args = (self._seq, _SEQ_TTL_MS, *envs)
+        args = (self._seq, _SEQ_TTL_MS, *self._extra_args, *envs)
         for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
             try:
-                applied = await publish(self._client.redis, keys, args)
+                reply = await self._script(self._client.redis, self._keys, args)
             except TRANSIENT as exc:
                 if delay is None:
                     raise PublishUnconfirmedError(
-                        f"{len(envs)} message(s) to {self._keys.name!r} were sent but not "
+                        f"{len(envs)} message(s) to {self._name!r} were sent but not "
                         f"confirmed after {attempt + 1} tries; they may or may not be queued "
                         f"(consumers deduplicate by message id): {exc}"
                     ) from exc
                 log.warning(
                     "publish to %s unconfirmed (%s); resending batch %d in %.2fs",
-                    self._keys.name,
+                    self._name,
                     exc,
                     self._seq,
                     delay,
                 )
                 await anyio.sleep(delay)
                 continue
+            applied, dropped = (reply, 0) if isinstance(reply, int) else reply
             if applied == -1:
-                log.info("batch %d to %s was already applied; retry dropped", self._seq, self._keys.name)
+                log.info("batch %d to %s was already applied; retry dropped", self._seq, self._name)
+            if dropped:
+                log.warning(
+                    "%s: the length or age cap dropped %d entries that some group had not acked", self._name, dropped
+                )
             return
 
     async def aclose(self) -> None:
@@ -159,3 +180,61 @@ class Producer:
         self._space.set()
         if self._started:
             await self._idle.wait()
+
+
+class Publishing(Generic[T]):
+    """``publish`` and ``publish_many``, for a queue or a stream with a ``producer``."""
+
+    name: str
+    codec: Codec
+    max_body_bytes: int
+    client: Client
+    producer: Producer
+
+    def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
+        """Ids and envelopes for a batch; checks every one before anything is sent."""
+        if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise TypeError("headers must map str to str")
+        encode = self.codec.encode
+        encoded = [encode(body) for body in bodies]
+        ids = new_ids(len(encoded))
+        raws = encode_many(
+            ids, time.time_ns() // 1_000_000, self.codec.name, dict(headers) if headers else None, encoded
+        )
+        if raws and (largest := max(map(len, raws))) > self.max_body_bytes:
+            raise MessageTooLargeError(
+                f"a message to {self.name!r} is {largest} bytes encoded, over max_body_bytes="
+                f"{self.max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
+                "send a reference, or raise max_body_bytes"
+            )
+        return ids, raws
+
+    async def publish(self, body: T, *, headers: Mapping[str, str] | None = None) -> str:
+        """Append one message; return its id once Redis has it.
+
+        Concurrent calls share one round trip. Raises :class:`MessageTooLargeError`
+        before sending anything, :class:`PublishUnconfirmedError` when Redis never
+        confirmed (the message may exist), :class:`ClosedError` after close.
+        Cancelling the call does not withdraw the message: once buffered, it is sent.
+        """
+        self.client.check_open()
+        (message_id,), raws = self._encode((body,), headers)
+        await self.producer.send(raws)
+        return message_id
+
+    async def publish_many(self, bodies: Iterable[T], *, headers: Mapping[str, str] | None = None) -> list[str]:
+        """Append many messages in order, in as few round trips as the batch limits allow.
+
+        Every body is encoded and checked before anything is sent. Chunks are buffered as
+        room allows, so one is on its way while the next is queued. If an error is raised,
+        chunks before the failing one may have been published.
+        """
+        self.client.check_open()
+        ids, raws = self._encode(bodies, headers)
+        chunk = max(1, min(2000, self.producer.max_buffered))
+        pending = [await self.producer.submit(raws[i : i + chunk]) for i in range(0, len(raws), chunk)]
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every chunk's fate is read
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return ids
