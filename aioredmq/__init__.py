@@ -29,6 +29,11 @@ from .message import Message as Message
 from .queue import Queue as Queue
 from .queue import QueueStats as QueueStats
 from .runner import run as run
+from .stream import ConsumerInfo as ConsumerInfo
+from .stream import GroupStats as GroupStats
+from .stream import Stream as Stream
+from .stream import StreamStats as StreamStats
+from .stream_consumer import StreamConsumer as StreamConsumer
 
 __version__ = "0.1.0"
 
@@ -41,9 +46,11 @@ __all__ = (
     "ConfigError",
     "ConnectionLostError",
     "Consumer",
+    "ConsumerInfo",
     "ConsumerStats",
     "DeadRecord",
     "DecodeError",
+    "GroupStats",
     "JsonCodec",
     "Message",
     "MessageStateError",
@@ -58,6 +65,9 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "Stream",
+    "StreamConsumer",
+    "StreamStats",
     "UnavailableError",
     "WrongTypeError",
     "connect",

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from .client import Client
+    from .producer import Publishing
 
 __all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms")
 
@@ -85,12 +86,9 @@ class BaseConsumer(Generic[T]):
 
     def __init__(
         self,
-        client: Client,
+        source: Publishing[T],
         *,
         label: str,
-        codec: Codec,
-        retry: RetryPolicy,
-        lease_s: float,
         prefetch: int,
         name: str | None,
         block_s: float,
@@ -99,10 +97,11 @@ class BaseConsumer(Generic[T]):
         check_positive("prefetch", prefetch, integer=True)
         check_positive("block_s", block_s)
         check_positive("close_timeout_s", close_timeout_s)
-        self.client = client
+        self.client: Client = source.client
         self.label = label
-        self.codec = codec
-        self.retry = retry
+        self.codec: Codec = source.codec
+        self.retry: RetryPolicy = source.retry
+        lease_s = source.lease_s
         self.name = check_name("name", name) if name is not None else default_consumer_name()
         self.prefetch = prefetch
         # A blocking wait must end well inside the lease: a dead consumer's last blocking

@@ -22,6 +22,8 @@ import anyio
 from .client import connect
 from .config import RetryPolicy
 from .message import Message
+from .queue import Queue
+from .stream import Stream
 from .testing import RedisServer
 
 __all__ = ("main",)
@@ -45,15 +47,23 @@ async def _worker(args: argparse.Namespace) -> int:
         backoff_max_s=max(args.backoff_initial_s, 300.0),
     )
     async with connect(args.url, prefix=args.prefix) as mq:
-        queue = mq.queue(args.queue, lease_s=args.lease_s, retry=retry, codec=args.codec)
+        source: Queue[Any] | Stream[Any]
+        if args.stream is not None:
+            source = mq.stream(args.stream, lease_s=args.lease_s, retry=retry, codec=args.codec)
+            what = f"stream={args.stream} group={args.group}"
+        else:
+            source = mq.queue(args.queue, lease_s=args.lease_s, retry=retry, codec=args.codec)
+            what = f"queue={args.queue}"
         with anyio.CancelScope() as scope:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, scope.cancel)
-            print(f"worker ready: queue={args.queue} concurrency={args.concurrency}", flush=True)
+            print(f"worker ready: {what} concurrency={args.concurrency}", flush=True)
             await mq.run(
-                queue,
+                source,
                 handler,
+                group=args.group if args.stream is not None else None,
+                name=args.name,
                 concurrency=args.concurrency,
                 prefetch=args.prefetch,
                 handler_timeout_s=args.handler_timeout_s,
@@ -132,9 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--url", help="use this Redis instead of starting one")
     d.add_argument("--messages", type=int, default=100_000)
 
-    w = sub.add_parser("worker", help="run a handler on a queue until SIGTERM")
+    w = sub.add_parser("worker", help="run a handler on a queue or a stream's group until SIGTERM")
     w.add_argument("handler", help="package.module:function taking a Message")
-    w.add_argument("--queue", required=True)
+    source = w.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queue")
+    source.add_argument("--stream")
+    w.add_argument("--group", default="default", help="the consumer group, for --stream")
+    w.add_argument("--name", default=None, help="a fixed consumer name, so a restart resumes its own work")
     w.add_argument("--url", default="redis://127.0.0.1:6379/0")
     w.add_argument("--prefix", default="aioredmq")
     w.add_argument("--codec", default="json")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .base_consumer import BaseConsumer
     from .message import Message
     from .queue import Queue
+    from .stream import Stream
 
 __all__ = ("Client", "connect")
 
@@ -90,6 +91,7 @@ class Client:
         self._state = _State.UNOPENED
         self._tasks = Tasks()
         self._queues: dict[str, Queue[Any]] = {}
+        self._streams: dict[str, Stream[Any]] = {}
         self.consumers: set[BaseConsumer[Any]] = set()  # open ones; closed before the pools
         self._dedicated: set[Redis] = set()
 
@@ -121,8 +123,8 @@ class Client:
                     # Consumers first: they give back what they hold while Redis is reachable.
                     for consumer in list(self.consumers):
                         await consumer.aclose()
-                    for queue in list(self._queues.values()):
-                        await queue.producer.aclose()
+                    for source in [*self._queues.values(), *self._streams.values()]:
+                        await source.producer.aclose()
             finally:
                 await self._tasks.aclose()
                 for conn in list(self._dedicated):
@@ -198,22 +200,51 @@ class Client:
             max_body_bytes=max_body_bytes,
             max_buffered=max_buffered,
         )
-        existing = self._queues.get(name)
-        if existing is not None:
-            if existing.settings != q.settings:
-                raise ConfigError(
-                    f"queue {name!r} is already open with other settings {existing.settings}; "
-                    "configure it once and reuse the object"
-                )
-            return existing
-        self._queues[name] = q
-        return q
+        return _once(self._queues, q)
+
+    def stream(
+        self,
+        name: str,
+        *,
+        codec: str | Codec = "json",
+        retry: RetryPolicy | None = None,
+        lease_s: float = 30.0,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        max_buffered: int = 10_000,
+        maxlen: int | None = None,
+        max_age_s: float | None = None,
+        trim_acked: bool = False,
+    ) -> Stream[Any]:
+        """The stream ``name``, read by consumer groups. The same name gives the same object.
+
+        ``maxlen`` / ``max_age_s`` trim approximately on publish; with ``trim_acked`` the
+        stream instead drops exactly what every group has acked, and the two become hard
+        caps whose drops of un-acked entries are counted. ``lease_s`` is how long an entry
+        may sit idle with a consumer that stopped renewing it before another one takes it.
+        """
+        from .stream import Stream
+
+        self.check_open()
+        s: Stream[Any] = Stream(
+            self,
+            name,
+            codec=codec,
+            retry=retry or RetryPolicy(),
+            lease_s=lease_s,
+            max_body_bytes=max_body_bytes,
+            max_buffered=max_buffered,
+            maxlen=maxlen,
+            max_age_s=max_age_s,
+            trim_acked=trim_acked,
+        )
+        return _once(self._streams, s)
 
     async def run(
         self,
-        queue: Queue[T],
+        queue: Queue[T] | Stream[T],
         handler: Callable[[Message[T]], Awaitable[object]],
         *,
+        group: str | None = None,
         concurrency: int = 16,
         prefetch: int | None = None,
         handler_timeout_s: float | None = None,
@@ -226,12 +257,26 @@ class Client:
         await run(
             queue,
             handler,
+            group=group,
             concurrency=concurrency,
             prefetch=prefetch,
             handler_timeout_s=handler_timeout_s,
             grace_s=grace_s,
             name=name,
         )
+
+
+S = TypeVar("S", "Queue[Any]", "Stream[Any]")
+
+
+def _once(cache: dict[str, S], made: S) -> S:
+    """The one object per name: the first one made, if its settings are the same."""
+    existing = cache.setdefault(made.name, made)
+    if existing.settings != made.settings:
+        raise ConfigError(
+            f"{made!r} is already open with other settings {existing.settings}; configure it once and reuse the object"
+        )
+    return existing
 
 
 def connect(

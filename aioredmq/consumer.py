@@ -57,15 +57,7 @@ class Consumer(BaseConsumer[T]):
         close_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(
-            queue.client,
-            label=queue.name,
-            codec=queue.codec,
-            retry=queue.retry,
-            lease_s=queue.lease_s,
-            prefetch=prefetch,
-            name=name,
-            block_s=block_s,
-            close_timeout_s=close_timeout_s,
+            queue, label=queue.name, prefetch=prefetch, name=name, block_s=block_s, close_timeout_s=close_timeout_s
         )
         self.queue = queue
         keys = queue.keys

@@ -9,6 +9,13 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:delayed             zset; envelope -> due time (ms), retries waiting
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
     <prefix>:{<name>}:producer:<id>       string; last batch sequence a producer applied
+
+A stream's keys follow the same rule::
+
+    <prefix>:{<name>}:stream              stream; one entry per message, field 'm' = envelope
+    <prefix>:{<name>}:dead:<group>        list; one consumer group's dead-letter records
+    <prefix>:{<name>}:dropped             counter; entries a cap removed before every group acked them
+    <prefix>:{<name>}:producer:<id>       string; as for queues
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ("QueueKeys", "check_name")
+__all__ = ("QueueKeys", "StreamKeys", "check_name")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")
 
@@ -34,15 +41,21 @@ def check_name(knob: str, value: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class QueueKeys:
-    """The key names of one list queue."""
-
+class _Keys:
     prefix: str
     name: str
 
     @property
     def base(self) -> str:
         return f"{self.prefix}:{{{self.name}}}"
+
+    def producer(self, producer_id: str) -> str:
+        return f"{self.base}:producer:{producer_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys(_Keys):
+    """The key names of one list queue."""
 
     @property
     def ready(self) -> str:
@@ -67,5 +80,18 @@ class QueueKeys:
         """The in-flight list of a consumer named by a raw member of the leases set."""
         return f"{self.base}:inflight:".encode() + member
 
-    def producer(self, producer_id: str) -> str:
-        return f"{self.base}:producer:{producer_id}"
+
+@dataclass(frozen=True, slots=True)
+class StreamKeys(_Keys):
+    """The key names of one stream."""
+
+    @property
+    def stream(self) -> str:
+        return f"{self.base}:stream"
+
+    @property
+    def dropped(self) -> str:
+        return f"{self.base}:dropped"
+
+    def dead(self, group: str) -> str:
+        return f"{self.base}:dead:{group}"

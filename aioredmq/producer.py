@@ -22,10 +22,12 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 from .client import Client
-from .codecs import Codec
+from .codecs import Codec, get_codec
+from .config import RetryPolicy, check_positive
 from .envelope import encode_many
-from .errors import TRANSIENT, AioredmqError, ClosedError, MessageTooLargeError, PublishUnconfirmedError
+from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, MessageTooLargeError, PublishUnconfirmedError
 from .ids import new_ids
+from .keys import check_name
 from .scripts import script
 
 __all__ = ("Producer", "Publishing")
@@ -183,13 +185,39 @@ class Producer:
 
 
 class Publishing(Generic[T]):
-    """``publish`` and ``publish_many``, for a queue or a stream with a ``producer``."""
+    """What a queue and a stream share: their settings, ``publish`` and ``publish_many``."""
 
     name: str
     codec: Codec
+    retry: RetryPolicy
+    lease_s: float
     max_body_bytes: int
     client: Client
     producer: Producer
+
+    def _setup(
+        self,
+        client: Client,
+        name: str,
+        *,
+        codec: str | Codec,
+        retry: RetryPolicy,
+        lease_s: float,
+        max_body_bytes: int,
+        max_buffered: int,
+    ) -> None:
+        check_name("name", name)
+        check_positive("lease_s", lease_s)
+        check_positive("max_body_bytes", max_body_bytes, integer=True)
+        check_positive("max_buffered", max_buffered, integer=True)
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry={retry!r} must be an aioredmq.RetryPolicy")
+        self.client = client
+        self.name = name
+        self.codec = get_codec(codec)
+        self.retry = retry
+        self.lease_s = float(lease_s)
+        self.max_body_bytes = max_body_bytes
 
     def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
         """Ids and envelopes for a batch; checks every one before anything is sent."""

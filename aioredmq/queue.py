@@ -7,14 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from .codecs import Codec, get_codec
+from .codecs import Codec
 from .commands import pipeline
-from .config import RetryPolicy, check_positive
+from .config import RetryPolicy
 from .consumer import Consumer
 from .dead import DeadLetters
 from .envelope import DeadRecord, with_attempts
-from .errors import ConfigError
-from .keys import QueueKeys, check_name
+from .keys import QueueKeys
 from .producer import Producer, Publishing
 
 if TYPE_CHECKING:
@@ -51,18 +50,15 @@ class Queue(Publishing[T]):
         max_body_bytes: int,
         max_buffered: int,
     ) -> None:
-        check_name("name", name)
-        check_positive("lease_s", lease_s)
-        check_positive("max_body_bytes", max_body_bytes, integer=True)
-        check_positive("max_buffered", max_buffered, integer=True)
-        if not isinstance(retry, RetryPolicy):
-            raise ConfigError(f"retry={retry!r} must be an aioredmq.RetryPolicy")
-        self.client = client
-        self.name = name
-        self.codec = get_codec(codec)
-        self.retry = retry
-        self.lease_s = float(lease_s)
-        self.max_body_bytes = max_body_bytes
+        self._setup(
+            client,
+            name,
+            codec=codec,
+            retry=retry,
+            lease_s=lease_s,
+            max_body_bytes=max_body_bytes,
+            max_buffered=max_buffered,
+        )
         self.keys = QueueKeys(client.prefix, name)
         self.producer = Producer(
             client,

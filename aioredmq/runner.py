@@ -17,10 +17,12 @@ import anyio
 
 from .base_consumer import BaseConsumer
 from .config import check_positive
+from .errors import ConfigError
 from .message import Message
 
 if TYPE_CHECKING:
     from .queue import Queue
+    from .stream import Stream
 
 __all__ = ("run",)
 
@@ -28,16 +30,18 @@ T = TypeVar("T")
 
 
 async def run(
-    queue: Queue[T],
+    queue: Queue[T] | Stream[T],
     handler: Callable[[Message[T]], Awaitable[object]],
     *,
+    group: str | None = None,
     concurrency: int = 16,
     prefetch: int | None = None,
     handler_timeout_s: float | None = None,
     grace_s: float = 30.0,
     name: str | None = None,
 ) -> None:
-    """Run ``handler`` on every message of ``queue`` until cancelled.
+    """Run ``handler`` on every message of ``queue`` (or of a stream, as a member of
+    ``group``, by default ``"default"``) until cancelled.
 
     A handler that returns acks its message; one that raises (or exceeds
     ``handler_timeout_s``) nacks it: retried with backoff, dead-lettered after
@@ -48,7 +52,17 @@ async def run(
     check_positive("grace_s", grace_s, zero=True)
     if handler_timeout_s is not None:
         check_positive("handler_timeout_s", handler_timeout_s)
-    async with queue.consume(prefetch=prefetch or max(2 * concurrency, 64), name=name) as consumer:
+    from .stream import Stream
+
+    prefetch = prefetch or max(2 * concurrency, 64)
+    consumer: BaseConsumer[T]
+    if isinstance(queue, Stream):
+        consumer = queue.consume(group or "default", prefetch=prefetch, name=name)
+    elif group is not None:
+        raise ConfigError(f"group={group!r} applies to streams; {queue!r} is a queue")
+    else:
+        consumer = queue.consume(prefetch=prefetch, name=name)
+    async with consumer:
         shield = anyio.CancelScope(shield=True)
         try:
             async with anyio.create_task_group() as tg:
@@ -58,10 +72,10 @@ async def run(
                 finally:
                     consumer.stop_delivery()
                     shield.deadline = anyio.current_time() + grace_s
-        except BaseExceptionGroup as group:
+        except BaseExceptionGroup as eg:
             # Every worker raises the consumer's one error (a wrong key type, a missing
             # permission): raise it as itself, so `except aioredmq.AioredmqError` works.
-            errors = {id(e): e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())}
+            errors = {id(e): e for e in _leaves(eg) if not isinstance(e, anyio.get_cancelled_exc_class())}
             if len(errors) == 1:
                 raise next(iter(errors.values())) from None
             raise

@@ -68,3 +68,25 @@ async def zrange_with_scores(raw: aioredis.Redis, key: str, start: int = 0, end:
         assert isinstance(score, float), f"expected a float score, got {score!r}"
         pairs.append((as_bytes(member), score))
     return pairs
+
+
+async def stream_entries(raw: aioredis.Redis, key: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """``XRANGE key - +`` as ``(entry id, fields)`` pairs."""
+    rows = await raw.execute_command("XRANGE", key, "-", "+")  # type: ignore[no-untyped-call]
+    out: list[tuple[str, dict[bytes, bytes]]] = []
+    for entry_id, fields in rows:
+        assert isinstance(fields, dict), f"expected the entry's fields, got {fields!r}"
+        out.append((as_bytes(entry_id).decode(), {as_bytes(k): as_bytes(v) for k, v in fields.items()}))
+    return out
+
+
+async def stream_pending(raw: aioredis.Redis, key: str, group: str) -> dict[str, tuple[str, int]]:
+    """A group's pending entries: entry id -> (consumer, delivery count)."""
+    out: dict[str, tuple[str, int]] = {}
+    for row in await raw.xpending_range(key, group, "-", "+", 100_000):
+        entry_id, consumer, count = row["message_id"], row["consumer"], row["times_delivered"]
+        assert isinstance(entry_id, bytes), row
+        assert isinstance(consumer, bytes), row
+        assert isinstance(count, int), row
+        out[entry_id.decode()] = (consumer.decode(), count)
+    return out

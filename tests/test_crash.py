@@ -55,12 +55,13 @@ def _output(tmp_path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def worker_process(
-    tmp_path: Path, redis_url: str, handler: str, queue: str, *options: str
+    tmp_path: Path, redis_url: str, handler: str, queue: str, *options: str, source: str = "--queue"
 ) -> AsyncIterator[anyio.abc.Process]:
-    """``python -m aioredmq worker handler --queue queue ...``; killed (by its pid) if still running at exit."""
+    """``python -m aioredmq worker handler --queue queue ...`` (or ``--stream``); killed (by
+    its pid) if still running at exit."""
     env = subprocess_env()
     env[URL_ENV] = redis_url
-    command = [PYTHON, "-m", "aioredmq", "worker", handler, "--queue", queue, "--url", redis_url, *options]
+    command = [PYTHON, "-m", "aioredmq", "worker", handler, source, queue, "--url", redis_url, *options]
     with _output_files(tmp_path) as (out, err):
         proc = await anyio.open_process(command, stdin=None, stdout=out, stderr=err, env=env, cwd=ROOT)
     try:

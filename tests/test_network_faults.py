@@ -26,7 +26,7 @@ from aioredmq.envelope import decode
 from aioredmq.scripts import script
 from aioredmq.testing import RedisServer
 
-from .helpers import lrange_bytes, settled_stats, wait_for
+from .helpers import lrange_bytes, settled_stats, stream_entries, wait_for
 from .proxy import FaultProxy
 
 SCRIPTS = sorted(f.name.removesuffix(".lua") for f in resources.files("aioredmq").joinpath("lua").iterdir())
@@ -416,3 +416,42 @@ async def test_a_cancelled_publish_is_still_sent(proxy: FaultProxy, pmq: aioredm
     await pmq.aclose()  # closing flushes the producer
     bodies = [decode(e).body for e in reversed(await lrange_bytes(raw, queue.keys.ready))]
     assert bodies == [b'"warm-up"', b'"cancelled while waiting"']
+
+
+# -- streams: lost replies to a read, a publish and an ack --------------------------------
+
+
+async def test_stream_survives_lost_read_publish_and_ack_replies(
+    proxy: FaultProxy, pmq: aioredmq.Client, mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A lost XREADGROUP reply is repaired by adopting what the read handed us; a resent
+    publish batch is applied once; a resent ack finds nothing left to do."""
+    stream = pmq.stream("nf-stream", lease_s=1.0)
+    await stream.create_group("g", "begin")
+    read = proxy.fail_reply(b"XREADGROUP", keep_reply=lambda r: is_error(r) or r in NIL_REPLIES)
+    published: set[str] = set()
+    seen: dict[str, int] = {}
+    async with stream.consume("g", prefetch=10, block_s=2.0) as consumer:
+        await wait_for(lambda: read.matched > 0, what="the consumer to block in XREADGROUP")
+        published.add(await mq.stream("nf-stream").publish("first"))
+        await read.wait()
+        write = proxy.fail_reply(sha("xpublish"), keep_reply=is_error)
+        published |= set(await stream.publish_many(list(range(20))))
+        assert write.replies == [b"*2\r\n:20\r\n:0\r\n"]  # applied; the resend was dropped
+        ack = proxy.fail_reply(sha("xsettle"), keep_reply=is_error)
+        with anyio.fail_after(15):
+            async for msg in consumer:
+                seen[msg.id] = seen.get(msg.id, 0) + 1
+                await msg.ack()
+                if published <= seen.keys():
+                    break
+        await ack.wait()
+        assert consumer.stats.adopted == 1
+    # The resent ack found its entries acked already: counted as late, as for queues.
+    lost_acks = [e for e, _ in await stream_entries(raw, stream.keys.stream) if e.encode() in ack.requests[0]]
+    assert lost_acks
+    assert consumer.stats.late_settles == len(lost_acks)
+    assert seen.keys() == published
+    assert set(seen.values()) == {1}, f"delivered twice: {seen}"
+    assert await raw.xlen(stream.keys.stream) == 21
+    assert (await stream.stats()).groups["g"].pending == 0
