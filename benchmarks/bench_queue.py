@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypedDict
 
 import anyio
@@ -204,10 +204,19 @@ RATIOS = {
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    return await run_cases(args, bench_cases, RATIOS)
+
+
+async def run_cases(
+    args: argparse.Namespace,
+    make_cases: Callable[[str, int, dict[str, Any]], dict[str, Case]],
+    ratios: dict[str, str],
+) -> dict[str, Any]:
+    """Run every case ``args.rounds`` times, print a Markdown table with medians and ratios."""
     body = {"id": 1, "pad": "x" * max(0, args.body_bytes - 20)}
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(RedisServer()).url
-        cases = bench_cases(url, args.messages, body)
+        cases = make_cases(url, args.messages, body)
         results: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(args.rounds):
             for name, case in cases.items():
@@ -222,7 +231,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
           f"redis-py {redis.__version__}, Redis {server}\n")  # fmt: skip
     print("| case | median msg/s | min | max | vs raw |\n|---|---:|---:|---:|---:|")
     for name, s in summary.items():
-        base = RATIOS.get(name)
+        base = ratios.get(name)
         ratio = f"{s['median'] / summary[base]['median']:.2f}x" if base else ""
         print(f"| {name} | {s['median']:,.0f} | {s['min']:,.0f} | {s['max']:,.0f} | {ratio} |")
     return {
@@ -236,8 +245,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(description: str | None, run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]) -> None:
+    """Parse the shared options, install uvloop if asked, run, and write the JSON results."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--body-bytes", type=int, default=100)
@@ -249,7 +259,11 @@ if __name__ == "__main__":
         import uvloop
 
         uvloop.install()
-    out = asyncio.run(main(ns))
+    out: dict[str, Any] = asyncio.run(run(ns))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    cli(__doc__, main)
