@@ -19,10 +19,10 @@ from .base_consumer import BaseConsumer
 from .config import check_positive
 from .errors import ConfigError
 from .message import Message
+from .stream import Stream
 
 if TYPE_CHECKING:
     from .queue import Queue
-    from .stream import Stream
 
 __all__ = ("run",)
 
@@ -52,8 +52,6 @@ async def run(
     check_positive("grace_s", grace_s, zero=True)
     if handler_timeout_s is not None:
         check_positive("handler_timeout_s", handler_timeout_s)
-    from .stream import Stream
-
     prefetch = prefetch or max(2 * concurrency, 64)
     consumer: BaseConsumer[T]
     if isinstance(queue, Stream):
