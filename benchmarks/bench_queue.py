@@ -54,6 +54,35 @@ async def _flush(r: aioredis.Redis) -> None:
     await r.flushall()
 
 
+async def runner_rate(
+    mq: aioredmq.Client,
+    source: aioredmq.Queue[Any] | aioredmq.Stream[Any],
+    n: int,
+    *,
+    group: str | None = None,
+    concurrency: int,
+    prefetch: int,
+) -> float:
+    """Run ``mq.run`` with a no-op handler until ``n`` distinct messages were handled; the rate."""
+    seen: set[str] = set()
+    done = anyio.Event()
+
+    async def handler(msg: aioredmq.Message[Any]) -> None:
+        seen.add(msg.id)
+        if len(seen) == n:
+            done.set()
+
+    t = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        run = functools.partial(mq.run, source, handler, group=group, concurrency=concurrency, prefetch=prefetch)
+        tg.start_soon(run)
+        await done.wait()
+        tg.cancel_scope.cancel()
+    rate = n / (time.perf_counter() - t)
+    assert len(seen) == n, "every message delivered"
+    return rate
+
+
 def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
     encoded = json.dumps(body).encode()
 
@@ -145,22 +174,8 @@ def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
             await _flush(mq.redis)
             q = mq.queue("bench")
             await q.publish_many(body for _ in range(n))
-            seen: set[str] = set()
-            done = anyio.Event()
-
-            async def handler(msg: aioredmq.Message[Any]) -> None:
-                seen.add(msg.id)
-                if len(seen) == n:
-                    done.set()
-
-            t = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(functools.partial(mq.run, q, handler, concurrency=concurrency, prefetch=prefetch))
-                await done.wait()
-                tg.cancel_scope.cancel()
-            rate = n / (time.perf_counter() - t)
+            rate = await runner_rate(mq, q, n, concurrency=concurrency, prefetch=prefetch)
             stats = await q.stats()
-            assert len(seen) == n, "every message delivered"
             assert (stats.ready, stats.in_flight, stats.dead) == (0, 0, 0), stats
             return rate
 

@@ -10,17 +10,15 @@ and that nothing is left pending.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from typing import Any
 
-import anyio
 import redis.asyncio as aioredis
 
 import aioredmq
 
-from .bench_queue import Case, cli, run_cases
+from .bench_queue import Case, cli, run_cases, runner_rate
 
 
 def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
@@ -77,22 +75,7 @@ def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
             s = mq.stream("bench")
             await s.create_group("g", "begin")
             await s.publish_many(body for _ in range(n))
-            seen: set[str] = set()
-            done = anyio.Event()
-
-            async def handler(msg: aioredmq.Message[Any]) -> None:
-                seen.add(msg.id)
-                if len(seen) == n:
-                    done.set()
-
-            t = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                run = functools.partial(mq.run, s, handler, group="g", concurrency=concurrency, prefetch=prefetch)
-                tg.start_soon(run)
-                await done.wait()
-                tg.cancel_scope.cancel()
-            rate = n / (time.perf_counter() - t)
-            assert len(seen) == n, "every message delivered"
+            rate = await runner_rate(mq, s, n, group="g", concurrency=concurrency, prefetch=prefetch)
             assert (await s.stats()).groups["g"].pending == 0
             return rate
 
