@@ -1,5 +1,9 @@
 """aioredmq: reliable, fast asyncio messaging on Redis."""
 
+from .channel import Broadcast as Broadcast
+from .channel import Channel as Channel
+from .channel import Subscription as Subscription
+from .channel import SubscriptionStats as SubscriptionStats
 from .client import Client as Client
 from .client import connect as connect
 from .codecs import Codec as Codec
@@ -23,6 +27,7 @@ from .errors import PublishUnconfirmedError as PublishUnconfirmedError
 from .errors import RedisError as RedisError
 from .errors import RedisTimeoutError as RedisTimeoutError
 from .errors import ResponseError as ResponseError
+from .errors import SlowSubscriberError as SlowSubscriberError
 from .errors import UnavailableError as UnavailableError
 from .errors import WrongTypeError as WrongTypeError
 from .message import Message as Message
@@ -39,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AioredmqError",
+    "Broadcast",
+    "Channel",
     "Client",
     "ClosedError",
     "ClusterError",
@@ -65,9 +72,12 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "SlowSubscriberError",
     "Stream",
     "StreamConsumer",
     "StreamStats",
+    "Subscription",
+    "SubscriptionStats",
     "UnavailableError",
     "WrongTypeError",
     "connect",

@@ -36,7 +36,10 @@ except ImportError:  # pragma: no cover - hiredis is a dependency, but may be mi
     _pack_command = None
 
 if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
     from .base_consumer import BaseConsumer
+    from .channel import Channel, DueWatcher, Overflow, Subscriber, Subscription
     from .message import Message
     from .queue import Queue
     from .stream import Stream
@@ -93,6 +96,9 @@ class Client:
         self._queues: dict[str, Queue[Any]] = {}
         self._streams: dict[str, Stream[Any]] = {}
         self.consumers: set[BaseConsumer[Any]] = set()  # open ones; closed before the pools
+        self.subscribers: set[Subscriber] = set()  # open subscriptions; closed with the client
+        self._due_watcher: DueWatcher | None = None
+        self._due_lock = anyio.Lock()
         self._dedicated: set[Redis] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -123,6 +129,8 @@ class Client:
                     # Consumers first: they give back what they hold while Redis is reachable.
                     for consumer in list(self.consumers):
                         await consumer.aclose()
+                    for subscriber in list(self.subscribers):
+                        await subscriber._stop()
                     for source in [*self._queues.values(), *self._streams.values()]:
                         await source.producer.aclose()
             finally:
@@ -163,6 +171,27 @@ class Client:
         )
         self._dedicated.add(conn)
         return conn
+
+    def connection(self) -> AbstractConnection:
+        """A bare connection with the same settings and no read timeout, for a subscriber
+        that waits indefinitely; the caller connects and disconnects it."""
+        self.check_open()
+        pool = self.redis.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(socket_timeout=None, retry=_no_retry(), retry_on_error=[])
+        conn: AbstractConnection = _fast(pool.connection_class)(**kwargs)
+        return conn
+
+    async def due_watcher(self) -> DueWatcher:
+        """The one subscriber that hears of new earliest due times, started on first use."""
+        from .channel import DueWatcher
+
+        async with self._due_lock:
+            if self._due_watcher is None:
+                watcher = DueWatcher(self)
+                await watcher.start()
+                self._due_watcher = watcher
+            return self._due_watcher
 
     async def release_dedicated(self, conn: Redis) -> None:
         self._dedicated.discard(conn)
@@ -238,6 +267,45 @@ class Client:
             trim_acked=trim_acked,
         )
         return _once(self._streams, s)
+
+    def channel(
+        self, name: str, *, codec: str | Codec = "json", max_body_bytes: int = 16 * 1024 * 1024
+    ) -> Channel[Any]:
+        """The pub/sub channel ``name``: ``publish()`` to every current subscriber, at most once."""
+        from .channel import Channel
+
+        self.check_open()
+        return Channel(self, name, codec=codec, max_body_bytes=max_body_bytes)
+
+    def subscribe(
+        self,
+        *channels: str,
+        patterns: tuple[str, ...] | list[str] = (),
+        codec: str | Codec = "json",
+        max_pending: int = 1000,
+        overflow: Overflow = "drop_oldest",
+        keepalive_s: float = 30.0,
+    ) -> Subscription[Any]:
+        """Subscribe to channels by name and by glob pattern (``"news.*"``); use
+        ``async with mq.subscribe("a", patterns=["b.*"]) as sub: async for m in sub``.
+
+        At most ``max_pending`` received messages wait for the iterator; past that,
+        ``overflow="drop_oldest"`` drops the oldest (the next message has ``gap=True``) and
+        ``"disconnect"`` ends the subscription with :class:`SlowSubscriberError`. A PING
+        every ``keepalive_s`` detects a dead link; any loss reconnects and resubscribes.
+        """
+        from .channel import Subscription
+
+        self.check_open()
+        return Subscription(
+            self,
+            tuple(channels),
+            tuple(patterns),
+            codec=codec,
+            max_pending=max_pending,
+            overflow=overflow,
+            keepalive_s=keepalive_s,
+        )
 
     async def run(
         self,

@@ -17,6 +17,7 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     │   ├── MessageTooLargeError (ValueError)  the encoded body is over ``max_body_bytes``
     │   └── PublishUnconfirmedError          sent, but no confirmation came back: it may exist
     ├── DecodeError                          bytes that are not a valid aioredmq envelope or body
+    ├── SlowSubscriberError                  a pub/sub subscriber fell too far behind and was cut off
     └── MessageStateError                    ack/nack on a message that was already settled
 """
 
@@ -41,6 +42,7 @@ __all__ = (
     "RedisError",
     "RedisTimeoutError",
     "ResponseError",
+    "SlowSubscriberError",
     "TRANSIENT",
     "UnavailableError",
     "WrongTypeError",
@@ -112,6 +114,10 @@ class PublishUnconfirmedError(PublishError):
 
 class DecodeError(AioredmqError):
     """Bytes that are not a valid aioredmq envelope, or a body the codec cannot decode."""
+
+
+class SlowSubscriberError(AioredmqError):
+    """A subscription with ``overflow="disconnect"`` fell ``max_pending`` messages behind."""
 
 
 class MessageStateError(AioredmqError):

@@ -16,6 +16,11 @@ A stream's keys follow the same rule::
     <prefix>:{<name>}:dead:<group>        list; one consumer group's dead-letter records
     <prefix>:{<name>}:dropped             counter; entries a cap removed before every group acked them
     <prefix>:{<name>}:producer:<id>       string; as for queues
+
+Pub/sub channel names follow it too, so a sharded channel lands with its name's slot::
+
+    <prefix>:{<name>}:channel             a user's pub/sub channel
+    <prefix>:{<name>}:due                 notices of a new earliest due time of a queue or stream
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ("QueueKeys", "StreamKeys", "check_name")
+__all__ = ("QueueKeys", "StreamKeys", "channel_name", "check_name")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")
 
@@ -38,6 +43,11 @@ def check_name(knob: str, value: str) -> str:
             "'_.-/:@' (braces are reserved for the Cluster hash tag)"
         )
     return value
+
+
+def channel_name(prefix: str, name: str) -> str:
+    """The pub/sub channel a user's channel ``name`` (or glob pattern) is sent on."""
+    return f"{prefix}:{{{name}}}:channel"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from .ids import new_ids
 from .keys import check_name
 from .scripts import script
 
-__all__ = ("Producer", "Publishing")
+__all__ = ("Producer", "Publishing", "check_encoded")
 
 T = TypeVar("T")
 
@@ -184,6 +184,25 @@ class Producer:
             await self._idle.wait()
 
 
+def check_encoded(
+    codec: Codec, max_body_bytes: int, where: str, bodies: Iterable[Any], headers: Mapping[str, str] | None
+) -> tuple[list[str], list[bytes]]:
+    """Ids and envelopes for a batch; checks every one before anything is sent."""
+    if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise TypeError("headers must map str to str")
+    encode = codec.encode
+    encoded = [encode(body) for body in bodies]
+    ids = new_ids(len(encoded))
+    raws = encode_many(ids, time.time_ns() // 1_000_000, codec.name, dict(headers) if headers else None, encoded)
+    if raws and (largest := max(map(len, raws))) > max_body_bytes:
+        raise MessageTooLargeError(
+            f"a message to {where} is {largest} bytes encoded, over max_body_bytes="
+            f"{max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
+            "send a reference, or raise max_body_bytes"
+        )
+    return ids, raws
+
+
 class Publishing(Generic[T]):
     """What a queue and a stream share: their settings, ``publish`` and ``publish_many``."""
 
@@ -220,22 +239,7 @@ class Publishing(Generic[T]):
         self.max_body_bytes = max_body_bytes
 
     def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
-        """Ids and envelopes for a batch; checks every one before anything is sent."""
-        if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-            raise TypeError("headers must map str to str")
-        encode = self.codec.encode
-        encoded = [encode(body) for body in bodies]
-        ids = new_ids(len(encoded))
-        raws = encode_many(
-            ids, time.time_ns() // 1_000_000, self.codec.name, dict(headers) if headers else None, encoded
-        )
-        if raws and (largest := max(map(len, raws))) > self.max_body_bytes:
-            raise MessageTooLargeError(
-                f"a message to {self.name!r} is {largest} bytes encoded, over max_body_bytes="
-                f"{self.max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
-                "send a reference, or raise max_body_bytes"
-            )
-        return ids, raws
+        return check_encoded(self.codec, self.max_body_bytes, repr(self.name), bodies, headers)
 
     async def publish(self, body: T, *, headers: Mapping[str, str] | None = None) -> str:
         """Append one message; return its id once Redis has it.
