@@ -29,6 +29,7 @@ import anyio
 
 from .codecs import Codec
 from .config import RetryPolicy, check_positive
+from .delayed import DueTimer
 from .envelope import Envelope, decode, encode_dead
 from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
 from .keys import check_name
@@ -128,6 +129,9 @@ class BaseConsumer(Generic[T]):
         # While a listing of what Redis says we hold is on its way: refs that settles removed
         # meanwhile. The listing may predate their removal, so they must not be taken for orphans.
         self._settled_while_listing: set[bytes] | None = None
+        self._timer_wake = asyncio.Event()
+        # Set by subclasses: when to move due delayed messages, and where to.
+        self._due: DueTimer
         # Set by subclasses: the settle script, its keys, and arguments before the acks.
         self._settle_script = script("settle")
         self._settle_keys: tuple[str, ...] = ()
@@ -173,9 +177,11 @@ class BaseConsumer(Generic[T]):
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         client.consumers.add(self)
         try:
+            await self._due.open()
             await self._open()
         except BaseException:
             self._state = 2
+            self._due.close()
             client.consumers.discard(self)
             await client.release_dedicated(self._conn)
             raise
@@ -239,6 +245,7 @@ class BaseConsumer(Generic[T]):
             try:
                 await self._tasks.aclose()
             finally:
+                self._due.close()
                 self.client.consumers.discard(self)
                 if self._conn is not None:
                     await self.client.release_dedicated(self._conn)

@@ -132,7 +132,7 @@ class Client:
                     for subscriber in list(self.subscribers):
                         await subscriber._stop()
                     for source in [*self._queues.values(), *self._streams.values()]:
-                        await source.producer.aclose()
+                        await source.aclose_producers()
             finally:
                 await self._tasks.aclose()
                 for conn in list(self._dedicated):

@@ -8,9 +8,10 @@ Three tasks run per consumer:
   happened) is repaired by adopting whatever sits in the in-flight list unknown to us.
 * **settle**: acks, nacks, dead-letters and returns are queued and sent together as
   one ``settle`` script call; a message leaves the held set only once Redis confirms.
-* **timer**: one ``heartbeat`` script call renews the lease, moves due retries from the
-  delayed set to ready and names expired consumers, which it then reaps; it runs every
-  ``lease_s / 3`` and at the earliest due time it knows of.
+* **timer**: one ``heartbeat`` script call renews the lease, tells when the next delayed
+  message is due and names expired consumers, which it then reaps; it runs every
+  ``lease_s / 3``. At the earliest due time it knows of, it moves due delayed messages
+  (publishes and retries alike) to ready.
 
 Closing stops the fetch, returns what was never handed out to the front of ready
 (delivery count unchanged), returns what was handed out but not settled (count raised),
@@ -19,7 +20,6 @@ flushes every settle and deregisters.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +28,7 @@ import anyio
 
 from .base_consumer import BaseConsumer, ConsumerStats
 from .commands import execute
+from .delayed import DueTimer
 from .envelope import decode, with_attempts
 from .errors import TRANSIENT, AioredmqError, DecodeError
 from .message import Message
@@ -63,12 +64,11 @@ class Consumer(BaseConsumer[T]):
         keys = queue.keys
         self._inflight = keys.inflight(self.name)
         self._take_keys = (keys.ready, self._inflight, keys.leases)
-        self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead)
+        self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead, keys.scheduled)
+        self._due = DueTimer(queue.client, keys, keys.ready, "list", self._timer_wake.set)
         # Take at most half the prefetch per call: the next batch is on its way while this
         # one is handled, instead of fetch, handle and settle taking turns.
         self._take_max = max(1, prefetch // 2)
-        self._timer_wake = asyncio.Event()
-        self._next_due: float | None = None
         self._look_for_orphans = False
 
     async def _open(self) -> None:
@@ -195,24 +195,19 @@ class Consumer(BaseConsumer[T]):
             self._enqueue(msg.raw, b"B", retry, 0)
             return
         self._enqueue(msg.raw, b"D", retry, max(1, int(delay_s * 1000)))
-        due = time.monotonic() + delay_s
-        if self._next_due is None or due < self._next_due:
-            self._next_due = due
-            self._timer_wake.set()
+        self._due.hint(delay_s)
 
     # -- timer: heartbeat, reap, promote ---------------------------------------------
 
     async def _tick(self) -> list[bytes]:
-        """Renew the lease and move due retries; return the consumers whose lease expired."""
+        """Renew the lease and learn the next due time; return the consumers whose lease expired."""
         keys = self.queue.keys
-        moved, next_ms, in_flight, *expired = await script("heartbeat")(
+        next_ms, in_flight, *expired = await script("heartbeat")(
             self.client.redis,
-            (keys.leases, keys.delayed, keys.ready, self._inflight),
-            (self.name, self._lease_ms, _REAP_BATCH, 1000),
+            (keys.leases, keys.delayed, self._inflight),
+            (self.name, self._lease_ms, _REAP_BATCH),
         )
-        if moved:
-            log.debug("consumer %s: %d due retries moved to ready", self.name, moved)
-        self._next_due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
+        self._due.learned(next_ms)
         if in_flight > len(self._held):
             # More in our list than we know of: a move whose reply never came (or a take in
             # flight right now). The fetch loop looks, between its own commands.
@@ -248,17 +243,19 @@ class Consumer(BaseConsumer[T]):
         while self._state == 1:
             now = time.monotonic()
             try:
-                if now >= next_beat or (self._next_due is not None and now >= self._next_due):
-                    if now >= next_beat:
-                        next_beat = now + interval
+                if now >= next_beat:
+                    next_beat = now + interval
                     await self._reap_expired(await self._tick())
+                if self._due.is_due():
+                    await self._due.promote()
             except TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)
-                self._next_due = None  # learn it again from the next successful tick
+                self._due.learned(-1)  # learn it again from the next successful tick
             except AioredmqError:
                 log.exception("consumer %s: heartbeat failed", self.name)
-            wake = next_beat if self._next_due is None else min(next_beat, self._next_due)
+            due = self._due.due
+            wake = next_beat if due is None else min(next_beat, due)
             self._timer_wake.clear()
             with anyio.move_on_after(max(0.0, wake - time.monotonic())):
                 await self._timer_wake.wait()

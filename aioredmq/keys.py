@@ -6,7 +6,8 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:ready               list; producers LPUSH, consumers take from the right
     <prefix>:{<name>}:inflight:<consumer> list; what one consumer holds, oldest at the right
     <prefix>:{<name>}:leases              zset; consumer -> lease deadline (ms)
-    <prefix>:{<name>}:delayed             zset; envelope -> due time (ms), retries waiting
+    <prefix>:{<name>}:delayed             zset; message id -> due time (ms): delayed publishes, retries
+    <prefix>:{<name>}:scheduled           hash; message id -> envelope, for the delayed set
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
     <prefix>:{<name>}:producer:<id>       string; last batch sequence a producer applied
 
@@ -15,6 +16,7 @@ A stream's keys follow the same rule::
     <prefix>:{<name>}:stream              stream; one entry per message, field 'm' = envelope
     <prefix>:{<name>}:dead:<group>        list; one consumer group's dead-letter records
     <prefix>:{<name>}:dropped             counter; entries a cap removed before every group acked them
+    <prefix>:{<name>}:delayed, :scheduled as for queues; due entries are appended to the stream
     <prefix>:{<name>}:producer:<id>       string; as for queues
 
 Pub/sub channel names follow it too, so a sharded channel lands with its name's slot::
@@ -62,6 +64,19 @@ class _Keys:
     def producer(self, producer_id: str) -> str:
         return f"{self.base}:producer:{producer_id}"
 
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def scheduled(self) -> str:
+        return f"{self.base}:scheduled"
+
+    @property
+    def due(self) -> str:
+        """The pub/sub channel told of a new earliest due time."""
+        return f"{self.base}:due"
+
 
 @dataclass(frozen=True, slots=True)
 class QueueKeys(_Keys):
@@ -74,10 +89,6 @@ class QueueKeys(_Keys):
     @property
     def leases(self) -> str:
         return f"{self.base}:leases"
-
-    @property
-    def delayed(self) -> str:
-        return f"{self.base}:delayed"
 
     @property
     def dead(self) -> str:

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import anyio
 
 from .client import Client
 from .codecs import Codec, get_codec
+from .commands import pipeline
 from .config import RetryPolicy, check_positive
+from .delayed import due_spec
 from .envelope import encode_many
 from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, MessageTooLargeError, PublishUnconfirmedError
 from .ids import new_ids
-from .keys import check_name
+from .keys import _Keys, check_name
 from .scripts import script
 
 __all__ = ("Producer", "Publishing", "check_encoded")
@@ -37,6 +42,7 @@ T = TypeVar("T")
 log = logging.getLogger("aioredmq.producer")
 
 _SEQ_TTL_MS = 24 * 3600 * 1000
+_MESSAGE_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _RETRY_DELAYS_S = (0.05, 0.25, 1.0, 2.0)
 _Group = tuple[list[bytes], "asyncio.Future[None]"]
 
@@ -213,11 +219,14 @@ class Publishing(Generic[T]):
     max_body_bytes: int
     client: Client
     producer: Producer
+    scheduler: Producer
+    """Delayed publishes: into the delayed set, through the ``schedule`` script."""
 
     def _setup(
         self,
         client: Client,
         name: str,
+        keys: _Keys,
         *,
         codec: str | Codec,
         retry: RetryPolicy,
@@ -237,36 +246,92 @@ class Publishing(Generic[T]):
         self.retry = retry
         self.lease_s = float(lease_s)
         self.max_body_bytes = max_body_bytes
+        self._delayed_keys = (keys.delayed, keys.scheduled)
+        self.scheduler = Producer(
+            client,
+            name,
+            script_name="schedule",
+            target=keys.delayed,
+            producer_key=keys.producer(os.urandom(8).hex()),
+            extra_keys=(keys.scheduled,),
+            extra_args=(keys.due,),
+            max_buffered=max_buffered,
+        )
+
+    async def aclose_producers(self) -> None:
+        """Send what is buffered, then refuse new publishes."""
+        await self.producer.aclose()
+        await self.scheduler.aclose()
 
     def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
         return check_encoded(self.codec, self.max_body_bytes, repr(self.name), bodies, headers)
 
-    async def publish(self, body: T, *, headers: Mapping[str, str] | None = None) -> str:
+    async def publish(
+        self,
+        body: T,
+        *,
+        headers: Mapping[str, str] | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> str:
         """Append one message; return its id once Redis has it.
 
+        With ``delay`` (seconds) or ``at`` (a timezone-aware datetime) the message waits
+        in the delayed set and is delivered once due; :meth:`cancel` withdraws it until then.
         Concurrent calls share one round trip. Raises :class:`MessageTooLargeError`
         before sending anything, :class:`PublishUnconfirmedError` when Redis never
         confirmed (the message may exist), :class:`ClosedError` after close.
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
+        when = due_spec(delay, at)
         (message_id,), raws = self._encode((body,), headers)
-        await self.producer.send(raws)
+        if when is None:
+            await self.producer.send(raws)
+        else:
+            await self.scheduler.send([when, raws[0]])
         return message_id
 
-    async def publish_many(self, bodies: Iterable[T], *, headers: Mapping[str, str] | None = None) -> list[str]:
+    async def publish_many(
+        self,
+        bodies: Iterable[T],
+        *,
+        headers: Mapping[str, str] | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> list[str]:
         """Append many messages in order, in as few round trips as the batch limits allow.
 
         Every body is encoded and checked before anything is sent. Chunks are buffered as
         room allows, so one is on its way while the next is queued. If an error is raised,
-        chunks before the failing one may have been published.
+        chunks before the failing one may have been published. ``delay`` / ``at`` apply to
+        every message, as for :meth:`publish`.
         """
         self.client.check_open()
+        when = due_spec(delay, at)
         ids, raws = self._encode(bodies, headers)
-        chunk = max(1, min(2000, self.producer.max_buffered))
-        pending = [await self.producer.submit(raws[i : i + chunk]) for i in range(0, len(raws), chunk)]
+        producer = self.producer if when is None else self.scheduler
+        if when is not None:
+            raws = [item for raw in raws for item in (when, raw)]
+        chunk = max(2, min(2000, producer.max_buffered)) // 2 * 2  # never splits a pair
+        pending = [await producer.submit(raws[i : i + chunk]) for i in range(0, len(raws), chunk)]
         outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every chunk's fate is read
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return ids
+
+    async def cancel(self, message_id: str) -> bool:
+        """Withdraw a message waiting in the delayed set (scheduled, or waiting to be
+        retried). Returns False if it is not there: already due and moved, or unknown."""
+        self.client.check_open()
+        if not isinstance(message_id, str) or not _MESSAGE_ID.match(message_id):
+            raise ConfigError(f"message_id={message_id!r} is not an aioredmq message id")
+        delayed, scheduled = self._delayed_keys
+        removed, _ = await pipeline(
+            self.client.redis,
+            [("ZREM", delayed, message_id), ("HDEL", scheduled, message_id)],
+            keys=self._delayed_keys,
+            transaction=True,
+        )
+        return bool(removed)

@@ -50,16 +50,17 @@ class Queue(Publishing[T]):
         max_body_bytes: int,
         max_buffered: int,
     ) -> None:
+        self.keys = keys = QueueKeys(client.prefix, name)
         self._setup(
             client,
             name,
+            keys,
             codec=codec,
             retry=retry,
             lease_s=lease_s,
             max_body_bytes=max_body_bytes,
             max_buffered=max_buffered,
         )
-        self.keys = QueueKeys(client.prefix, name)
         self.producer = Producer(
             client,
             name,

@@ -77,6 +77,8 @@ class StreamStats:
     groups: dict[str, GroupStats]
     dropped_unacked: int
     """Entries a cap removed (``trim_acked`` mode) before every group acked them, ever."""
+    delayed: int
+    """Messages waiting in the delayed set to be appended."""
 
 
 def _text(value: Any) -> str:
@@ -100,9 +102,11 @@ class Stream(Publishing[T]):
         max_age_s: float | None,
         trim_acked: bool,
     ) -> None:
+        self.keys = keys = StreamKeys(client.prefix, name)
         self._setup(
             client,
             name,
+            keys,
             codec=codec,
             retry=retry,
             lease_s=lease_s,
@@ -113,7 +117,6 @@ class Stream(Publishing[T]):
             check_positive("maxlen", maxlen, integer=True)
         if max_age_s is not None:
             check_positive("max_age_s", max_age_s)
-        self.keys = StreamKeys(client.prefix, name)
         self._trim_args = (maxlen or 0, math.ceil(max_age_s * 1000) if max_age_s else 0, int(bool(trim_acked)))
         self.producer = Producer(
             client,
@@ -192,11 +195,13 @@ class Stream(Publishing[T]):
     async def stats(self) -> StreamStats:
         """Length, per-group pending, lag and dead letters, and each consumer's idle time."""
         redis, k = self.client.redis, self.keys
-        exists, length, dropped = await pipeline(
-            redis, [("EXISTS", k.stream), ("XLEN", k.stream), ("GET", k.dropped)], keys=(k.stream,)
+        exists, length, dropped, delayed = await pipeline(
+            redis,
+            [("EXISTS", k.stream), ("XLEN", k.stream), ("GET", k.dropped), ("ZCARD", k.delayed)],
+            keys=(k.stream,),
         )
         if not exists:
-            return StreamStats(0, {}, int(dropped or 0))
+            return StreamStats(0, {}, int(dropped or 0), delayed)
         groups = await execute(redis, "XINFO", "GROUPS", k.stream, keys=(k.stream,))
         names = [_text(g[b"name"]) for g in groups]
         details = await pipeline(
@@ -217,7 +222,7 @@ class Stream(Publishing[T]):
                     _text(c[b"name"]): ConsumerInfo(int(c[b"pending"]), int(c[b"idle"]) / 1000.0) for c in consumers
                 },
             )
-        return StreamStats(int(length), out, int(dropped or 0))
+        return StreamStats(int(length), out, int(dropped or 0), delayed)
 
     # -- dead letters (per group) ----------------------------------------------------
 

@@ -11,7 +11,8 @@ Three tasks run per consumer, as for queues:
 * **settle**: acks, dead-letters and releases go together as one ``xsettle`` call.
 * **timer**: every ``lease_s / 3`` it restarts the idle clock of every entry it holds,
   whether waiting or running, so a live consumer is never robbed however long a
-  handler takes; and it delivers nacked entries again when their backoff ends.
+  handler takes; it delivers nacked entries again when their backoff ends; and at the
+  earliest due time it knows of, it appends due delayed messages to the stream.
 
 A nacked entry stays pending under this consumer until its retry is due. A released
 entry (closing, a cancelled handler) gets an idle time of one lease, so the next
@@ -20,7 +21,6 @@ recovery sweep of any consumer in the group takes it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable
@@ -30,6 +30,7 @@ import anyio
 
 from .base_consumer import BaseConsumer
 from .commands import execute
+from .delayed import DueTimer
 from .errors import TRANSIENT, AioredmqError
 from .message import Message
 from .scripts import script
@@ -103,7 +104,7 @@ class StreamConsumer(BaseConsumer[T]):
         # Nacked entries waiting for their retry: entry id -> (due, monotonic clock; message)
         self._parked: dict[bytes, tuple[float, Message[T]]] = {}
         self._released: set[bytes] = set()  # given back while closing
-        self._timer_wake = asyncio.Event()
+        self._due = DueTimer(stream.client, keys, keys.stream, "stream", self._timer_wake.set)
 
     async def _open(self) -> None:
         await self.stream.create_group(self.group, self._start)
@@ -384,6 +385,8 @@ class StreamConsumer(BaseConsumer[T]):
                     next_renew = time.monotonic() + interval
                     await self._renew()
                 await self._deliver_due()
+                if self._due.is_due():
+                    await self._due.promote()
                 failures = 0
             except AioredmqError as exc:
                 # Renewal is retried at the next beat; a due retry after a short pause.
@@ -393,8 +396,7 @@ class StreamConsumer(BaseConsumer[T]):
                 else:
                     log.exception("consumer %s: lease renewal failed", self.name)
                     await anyio.sleep(min(0.05 * 2**failures, 5.0))
-            due = self._next_due()
-            wake = next_renew if due is None else min(next_renew, due)
+            wake = min(t for t in (next_renew, self._next_due(), self._due.due) if t is not None)
             self._timer_wake.clear()
             with anyio.move_on_after(max(0.0, wake - time.monotonic())):
                 await self._timer_wake.wait()

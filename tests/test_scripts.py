@@ -15,7 +15,7 @@ from aioredmq.ids import new_id
 from aioredmq.keys import QueueKeys
 from aioredmq.scripts import script
 
-from .helpers import lindex_bytes, lrange_bytes
+from .helpers import lindex_bytes, lrange_bytes, stream_entries
 
 K = QueueKeys("aioredmq", "s")
 
@@ -60,19 +60,60 @@ async def test_reap_forgets_an_expired_empty_lease_after_the_grace(raw: aioredis
     assert await raw.zscore(K.leases, "long-gone") is None
 
 
-async def test_heartbeat_moves_only_what_is_due_and_names_expired_consumers(raw: aioredis.Redis) -> None:
-    due, later = envelope(), envelope()
-    await raw.zadd(K.delayed, {due: 1, later: 2**50})
+async def test_heartbeat_renews_tells_the_next_due_time_and_names_expired_consumers(raw: aioredis.Redis) -> None:
+    await raw.zadd(K.delayed, {"later": 2**50})
     await raw.zadd(K.leases, {"expired": 1, "alive": 2**50})
     await raw.lpush(K.inflight("me"), b"one", b"two")
-    keys = (K.leases, K.delayed, K.ready, K.inflight("me"))
-    moved, next_ms, in_flight, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16, 100))
+    keys = (K.leases, K.delayed, K.inflight("me"))
+    next_ms, in_flight, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16))
     assert in_flight == 2
-    assert moved == 1
     assert next_ms > 10**9
     assert expired == [b"expired"]
-    assert await raw.lrange(K.ready, 0, -1) == [due]
     assert await raw.zscore(K.leases, "me") is not None
+    assert await raw.zcard(K.delayed) == 1, "a heartbeat moves nothing"
+
+
+async def schedule(raw: aioredis.Redis, seq: int, *pairs: bytes) -> int:
+    keys = (K.delayed, K.producer("p"), K.scheduled)
+    applied: int = await script("schedule")(raw, keys, (seq, 60_000, K.due, *pairs))
+    return applied
+
+
+async def test_schedule_applies_a_batch_once_and_announces_a_new_earliest_due_time(raw: aioredis.Redis) -> None:
+    a, b, c = envelope(), envelope(), envelope()
+    async with raw.pubsub() as notices:
+        await notices.subscribe(K.due)
+        await notices.get_message(timeout=1)  # the subscribe confirmation
+        assert await schedule(raw, 1, b"+60000", a, b"=1", b) == 2
+        assert await schedule(raw, 1, b"+60000", a, b"=1", b) == -1, "a resend is dropped"
+        assert await schedule(raw, 2, b"+30000", c) == 1
+        first = await notices.get_message(timeout=1)
+        assert first is not None
+        assert first["data"] == b"0", "b is overdue: due now"
+        assert await notices.get_message(timeout=0.2) is None, "c is not the earliest: no notice"
+    head = await raw.zrange(K.delayed, 0, 0, withscores=True)
+    assert head == [(decode(b).id.encode(), 1.0)]
+    assert await raw.hget(K.scheduled, decode(a).id) == a
+    assert await raw.hlen(K.scheduled) == 3
+
+
+async def test_promote_moves_only_what_is_due_and_only_once(raw: aioredis.Redis) -> None:
+    due1, due2, later = envelope(), envelope(), envelope()
+    await schedule(raw, 1, b"=1", due1, b"=2", due2, b"+60000", later)
+    keys = (K.delayed, K.scheduled, K.ready)
+    assert await script("promote")(raw, keys, ("list", 1)) == [1, 0], "more is due at once"
+    moved, next_ms = await script("promote")(raw, keys, ("list", 100))
+    assert moved == 1
+    assert 50_000 < next_ms <= 60_000
+    again, next_again = await script("promote")(raw, keys, ("list", 100))
+    assert (again, 0 < next_again <= next_ms) == (0, True), "nothing moves twice, nothing early"
+    assert await lrange_bytes(raw, K.ready) == [due2, due1]
+    assert await raw.hkeys(K.scheduled) == [decode(later).id.encode()]
+    stream_keys = (K.delayed, K.scheduled, "aioredmq:{s}:stream")
+    await raw.zadd(K.delayed, {decode(later).id: 1})
+    assert (await script("promote")(raw, stream_keys, ("stream", 100)))[0] == 1
+    assert [fields for _, fields in await stream_entries(raw, "aioredmq:{s}:stream")] == [{b"m": later}]
+    assert await raw.zcard(K.delayed) == 0
 
 
 def test_publish_applies_a_batch_once_per_sequence() -> None:

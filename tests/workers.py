@@ -5,12 +5,14 @@ the URL in ``AIOREDMQ_TEST_URL``, as ``"<message id> <deliveries>"``:
 
 * ``crash_handler`` pushes to ``STARTED`` when it starts, then sleeps a little, so a
   worker killed at any moment is in the middle of a batch;
-* ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends.
+* ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends;
+* ``timed_handler`` pushes to ``TIMED`` with the time it ran (Unix ms).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import anyio
@@ -45,3 +47,11 @@ async def slow_handler(msg: aioredmq.Message[Any]) -> None:
     await _record(STARTED, msg)
     await anyio.sleep(0.2)
     await _record(DONE, msg)
+
+
+TIMED = "test:timed"
+
+
+async def timed_handler(msg: aioredmq.Message[Any]) -> None:
+    """Pushes ``"<id> <deliveries> <unix ms>"`` to ``TIMED``: when it was handled."""
+    await _client().rpush(TIMED, f"{msg.id} {msg.deliveries} {time.time_ns() // 1_000_000}")

@@ -1,33 +1,22 @@
--- A consumer's timer tick: renew its lease, move due retries from delayed to the back of
--- ready, and list the consumers whose lease has expired. Safe from any number of consumers
--- at once: a delayed entry moves only if this call removed it, never twice and never early.
+-- A consumer's timer tick: renew its lease, see when the next delayed message is due, and
+-- list the consumers whose lease has expired.
 -- KEYS[1] leases sorted set
 -- KEYS[2] delayed sorted set (score: due time in ms)
--- KEYS[3] ready list
--- KEYS[4] this consumer's in-flight list
+-- KEYS[3] this consumer's in-flight list
 -- ARGV[1] consumer name
 -- ARGV[2] lease length, in ms
 -- ARGV[3] how many expired consumers to return at most
--- ARGV[4] how many due entries to move at most
--- Returns {moved, ms until the next delayed entry is due or -1, length of the in-flight list,
+-- Returns {ms until the next delayed message is due or -1, length of the in-flight list,
 -- expired consumer names...}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
-local moved = 0
-for i = 1, #due do
-  if redis.call('ZREM', KEYS[2], due[i]) == 1 then
-    redis.call('LPUSH', KEYS[3], due[i])
-    moved = moved + 1
-  end
-end
 local next_due = -1
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt > 0 then
   next_due = math.max(0, tonumber(nxt[2]) - now)
 end
-local reply = {moved, next_due, redis.call('LLEN', KEYS[4])}
+local reply = {next_due, redis.call('LLEN', KEYS[3])}
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[3]))) do
   reply[#reply + 1] = name
 end

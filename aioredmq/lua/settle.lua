@@ -5,13 +5,14 @@
 -- KEYS[2] ready list
 -- KEYS[3] delayed sorted set
 -- KEYS[4] dead-letter list
+-- KEYS[5] scheduled hash (message id -> envelope) of the delayed set
 -- ARGV[1] k, the number of plain acks
 -- ARGV[2 .. k+1] acks, each the tag '<id> <attempts>' naming one delivery exactly; acks
 --   arrive mostly oldest first, so most are found at the right end and popped
 -- ARGV[k+2 ..], four per other settle: held envelope, action, new value, score
 --   action 'F' to the front of ready (next in line); new value is the envelope to push
 --   action 'B' to the back of ready
---   action 'D' to delayed, due <score> ms from now (by the server's clock)
+--   action 'D' to the delayed set, due <score> ms from now (by the server's clock)
 --   action 'X' to dead-letter; new value is the dead-letter record
 -- Returns the 1-based positions (acks first, then the others) of messages no longer in flight.
 local inflight = KEYS[1]
@@ -55,7 +56,9 @@ for i = k + 2, #ARGV, 4 do
     elseif action == 'B' then
       redis.call('LPUSH', KEYS[2], ARGV[i + 2])
     elseif action == 'D' then
-      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
+      local id = string.match(ARGV[i + 2], '^amq1 (%x+) ')
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 3]), id)
+      redis.call('HSET', KEYS[5], id, ARGV[i + 2])
     elseif action == 'X' then
       redis.call('LPUSH', KEYS[4], ARGV[i + 2])
     end

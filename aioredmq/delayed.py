@@ -1,0 +1,98 @@
+"""Delayed delivery: messages that wait in a sorted set until they are due.
+
+A delayed publish goes through its own coalescing producer and the ``schedule``
+script: the message id goes into the ``delayed`` sorted set, scored by its due time
+(server clock), and its envelope into the ``scheduled`` hash. Retries waiting for
+their backoff use the same two keys. The ``promote`` script moves what is due to
+ready (or appends it to the stream); any number of consumers may run it at once.
+
+Consumers run it on a timer set from the earliest due time, never by polling. They
+learn that time from three sources: the replies of their own scripts (heartbeat,
+promote), their own retries, and a notice the schedule script publishes when a batch
+brings the earliest due time forward. The notice is at most once; after the notice
+subscription reconnects, every consumer looks again at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+from .config import check_positive
+from .errors import ConfigError
+from .scripts import script
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .keys import _Keys
+
+__all__ = ("DueTimer", "due_spec")
+
+_PROMOTE_BATCH = 1000
+
+
+def due_spec(delay: float | None, at: datetime | None) -> bytes | None:
+    """How the schedule script is told a due time: ``+<ms>`` from now, or ``=<Unix ms>``."""
+    if delay is not None and at is not None:
+        raise ConfigError("pass delay= or at=, not both")
+    if delay is not None:
+        check_positive("delay", delay, zero=True)
+        return b"+%d" % math.ceil(delay * 1000)
+    if at is not None:
+        if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
+            raise ConfigError(f"at={at!r} must be a timezone-aware datetime, e.g. datetime.now(UTC) + timedelta(...)")
+        return b"=%d" % math.ceil(at.timestamp() * 1000)
+    return None
+
+
+class DueTimer:
+    """When one consumer should next run the mover, in ``time.monotonic()`` seconds."""
+
+    def __init__(
+        self, client: Client, keys: _Keys, target: str, mode: Literal["list", "stream"], wake: Callable[[], None]
+    ) -> None:
+        self._client = client
+        self._keys = (keys.delayed, keys.scheduled, target)
+        self._channel = keys.due
+        self._mode = mode
+        self._wake = wake
+        self._stop: Callable[[], None] | None = None
+        self.due: float | None = None
+
+    async def open(self) -> None:
+        """Hear of new earliest due times, then move what is due already."""
+        watcher = await self._client.due_watcher()
+        self._stop = watcher.watch(self._channel, self.hint)
+        await self.promote()
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+    def hint(self, delay_s: float | None) -> None:
+        """Something is due in ``delay_s`` (``None``: a notice may have been missed, look now)."""
+        due = time.monotonic() + (delay_s or 0.0)
+        if self.due is None or due < self.due:
+            self.due = due
+            self._wake()
+
+    def learned(self, next_ms: int) -> None:
+        """A script's reply: the earliest due time is ``next_ms`` away (-1: nothing waits)."""
+        self.due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
+
+    def is_due(self) -> bool:
+        return self.due is not None and time.monotonic() >= self.due
+
+    async def promote(self) -> int:
+        """Move what is due; return how many moved."""
+        total: int = 0
+        while True:
+            moved, next_ms = await script("promote")(self._client.redis, self._keys, (self._mode, _PROMOTE_BATCH))
+            total += int(moved)
+            if next_ms != 0 or moved == 0:
+                self.learned(next_ms)
+                return total
