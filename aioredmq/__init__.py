@@ -30,6 +30,7 @@ from .errors import ResponseError as ResponseError
 from .errors import SlowSubscriberError as SlowSubscriberError
 from .errors import UnavailableError as UnavailableError
 from .errors import WrongTypeError as WrongTypeError
+from .idempotency import Idempotency as Idempotency
 from .message import Message as Message
 from .queue import Queue as Queue
 from .queue import QueueStats as QueueStats
@@ -58,6 +59,7 @@ __all__ = (
     "DeadRecord",
     "DecodeError",
     "GroupStats",
+    "Idempotency",
     "JsonCodec",
     "Message",
     "MessageStateError",

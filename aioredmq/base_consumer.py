@@ -130,8 +130,10 @@ class BaseConsumer(Generic[T]):
         # meanwhile. The listing may predate their removal, so they must not be taken for orphans.
         self._settled_while_listing: set[bytes] | None = None
         self._timer_wake = asyncio.Event()
-        # Set by subclasses: when to move due delayed messages, and where to.
+        # Set by subclasses: when to move due delayed messages, and where to; where
+        # processed-id markers live (see idempotency.py).
         self._due: DueTimer
+        self._done_key: str
         # Set by subclasses: the settle script, its keys, and arguments before the acks.
         self._settle_script = script("settle")
         self._settle_keys: tuple[str, ...] = ()
@@ -347,6 +349,11 @@ class BaseConsumer(Generic[T]):
     def _settle_ack(self, msg: Message[T]) -> None:
         self.stats.acked += 1
         self._enqueue(msg._ref, b"A", self._ack_tag(msg), 0)
+
+    def _settle_ack_marked(self, msg: Message[T], ttl_ms: int) -> None:
+        """Ack, and mark the message id processed for ``ttl_ms``, in the same script call."""
+        self.stats.acked += 1
+        self._enqueue(msg._ref, b"M", msg.id.encode(), ttl_ms)
 
     def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
         policy = self.retry

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from .base_consumer import BaseConsumer
     from .channel import Channel, DueWatcher, Overflow, Subscriber, Subscription
+    from .idempotency import Idempotency
     from .message import Message
     from .queue import Queue
     from .stream import Stream
@@ -318,6 +319,7 @@ class Client:
         handler_timeout_s: float | None = None,
         grace_s: float = 30.0,
         name: str | None = None,
+        idempotency: Idempotency | None = None,
     ) -> None:
         """Run ``handler`` on every message of ``queue`` until cancelled. See :func:`run`."""
         from .runner import run
@@ -331,6 +333,7 @@ class Client:
             handler_timeout_s=handler_timeout_s,
             grace_s=grace_s,
             name=name,
+            idempotency=idempotency,
         )
 
 

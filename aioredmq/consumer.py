@@ -64,7 +64,8 @@ class Consumer(BaseConsumer[T]):
         keys = queue.keys
         self._inflight = keys.inflight(self.name)
         self._take_keys = (keys.ready, self._inflight, keys.leases)
-        self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead, keys.scheduled)
+        self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead, keys.scheduled, keys.done)
+        self._done_key = keys.done
         self._due = DueTimer(queue.client, keys, keys.ready, "list", self._timer_wake.set)
         # Take at most half the prefetch per call: the next batch is on its way while this
         # one is handled, instead of fetch, handle and settle taking turns.

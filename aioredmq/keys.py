@@ -9,12 +9,14 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:delayed             zset; message id -> due time (ms): delayed publishes, retries
     <prefix>:{<name>}:scheduled           hash; message id -> envelope, for the delayed set
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
+    <prefix>:{<name>}:done                zset; message id -> expiry (ms): processed-id markers
     <prefix>:{<name>}:producer:<id>       string; last batch sequence a producer applied
 
 A stream's keys follow the same rule::
 
     <prefix>:{<name>}:stream              stream; one entry per message, field 'm' = envelope
     <prefix>:{<name>}:dead:<group>        list; one consumer group's dead-letter records
+    <prefix>:{<name>}:done:<group>        zset; one group's processed-id markers
     <prefix>:{<name>}:dropped             counter; entries a cap removed before every group acked them
     <prefix>:{<name>}:delayed, :scheduled as for queues; due entries are appended to the stream
     <prefix>:{<name>}:producer:<id>       string; as for queues
@@ -94,6 +96,10 @@ class QueueKeys(_Keys):
     def dead(self) -> str:
         return f"{self.base}:dead"
 
+    @property
+    def done(self) -> str:
+        return f"{self.base}:done"
+
     def inflight(self, consumer: str) -> str:
         return f"{self.base}:inflight:{consumer}"
 
@@ -116,3 +122,6 @@ class StreamKeys(_Keys):
 
     def dead(self, group: str) -> str:
         return f"{self.base}:dead:{group}"
+
+    def done(self, group: str) -> str:
+        return f"{self.base}:done:{group}"

@@ -18,6 +18,7 @@ import anyio
 from .base_consumer import BaseConsumer
 from .config import check_positive
 from .errors import ConfigError
+from .idempotency import Idempotency
 from .message import Message
 from .stream import Stream
 
@@ -39,6 +40,7 @@ async def run(
     handler_timeout_s: float | None = None,
     grace_s: float = 30.0,
     name: str | None = None,
+    idempotency: Idempotency | None = None,
 ) -> None:
     """Run ``handler`` on every message of ``queue`` (or of a stream, as a member of
     ``group``, by default ``"default"``) until cancelled.
@@ -47,6 +49,8 @@ async def run(
     ``handler_timeout_s``) nacks it: retried with backoff, dead-lettered after
     ``max_deliveries``. ``prefetch`` defaults to twice ``concurrency``, and at least 64: a
     handful of messages per round trip costs more in round trips than it saves.
+    With ``idempotency``, a message whose id is marked processed is acked without
+    running the handler, and a success writes the marker with the ack.
     """
     check_positive("concurrency", concurrency, integer=True)
     check_positive("grace_s", grace_s, zero=True)
@@ -64,7 +68,7 @@ async def run(
         shield = anyio.CancelScope(shield=True)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, shield)
+                tg.start_soon(_workers, consumer, handler, concurrency, handler_timeout_s, idempotency, shield)
                 try:
                     await anyio.sleep_forever()
                 finally:
@@ -91,16 +95,25 @@ async def _workers(
     handler: Callable[[Message[T]], Awaitable[object]],
     concurrency: int,
     handler_timeout_s: float | None,
+    idempotency: Idempotency | None,
     shield: anyio.CancelScope,
 ) -> None:
+    async def call(msg: Message[T]) -> None:
+        if handler_timeout_s is None:
+            await handler(msg)
+        else:
+            with anyio.fail_after(handler_timeout_s):
+                await handler(msg)
+
     async def worker() -> None:
         async for msg in consumer:
-            async with msg.process():
-                if handler_timeout_s is None:
-                    await handler(msg)
-                else:
-                    with anyio.fail_after(handler_timeout_s):
-                        await handler(msg)
+            if idempotency is None:
+                async with msg.process():
+                    await call(msg)
+            else:
+                async with idempotency.process(msg) as fresh:
+                    if fresh:
+                        await call(msg)
 
     with shield:
         async with anyio.create_task_group() as tg:

@@ -93,7 +93,8 @@ class StreamConsumer(BaseConsumer[T]):
         keys = stream.keys
         self._key = keys.stream
         self._settle_script = script("xsettle")
-        self._settle_keys = (keys.stream, keys.dead(group))
+        self._settle_keys = (keys.stream, keys.dead(group), keys.done(group))
+        self._done_key = keys.done(group)
         self._settle_head = (group, self.name)
         self._take_max = max(1, prefetch // 2)
         self._forget_ms = int(forget_idle_consumers_s * 1000)

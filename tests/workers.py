@@ -6,7 +6,8 @@ the URL in ``AIOREDMQ_TEST_URL``, as ``"<message id> <deliveries>"``:
 * ``crash_handler`` pushes to ``STARTED`` when it starts, then sleeps a little, so a
   worker killed at any moment is in the middle of a batch;
 * ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends;
-* ``timed_handler`` pushes to ``TIMED`` with the time it ran (Unix ms).
+* ``timed_handler`` pushes to ``TIMED`` with the time it ran (Unix ms);
+* ``idempotent_handler`` applies an effect with its processed-id marker, then stalls.
 """
 
 from __future__ import annotations
@@ -55,3 +56,17 @@ TIMED = "test:timed"
 async def timed_handler(msg: aioredmq.Message[Any]) -> None:
     """Pushes ``"<id> <deliveries> <unix ms>"`` to ``TIMED``: when it was handled."""
     await _client().rpush(TIMED, f"{msg.id} {msg.deliveries} {time.time_ns() // 1_000_000}")
+
+
+EFFECTS = "test:effects"
+ONCE = aioredmq.Idempotency(ttl_s=3600)
+
+
+async def idempotent_handler(msg: aioredmq.Message[Any]) -> None:
+    """Applies its effect (an INCR) with the processed-id marker, records
+    ``"<id> <deliveries> <applied>"`` in ``EFFECTS``, and on a first delivery then waits
+    long enough to be killed before its ack."""
+    applied = await ONCE.apply(msg, ("INCR", f"test:effect:{msg.id}"))
+    await _client().rpush(EFFECTS, f"{msg.id} {msg.deliveries} {int(applied)}")
+    if msg.deliveries == 1:
+        await anyio.sleep(30)

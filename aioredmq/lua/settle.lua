@@ -6,6 +6,7 @@
 -- KEYS[3] delayed sorted set
 -- KEYS[4] dead-letter list
 -- KEYS[5] scheduled hash (message id -> envelope) of the delayed set
+-- KEYS[6] processed-id markers (sorted set: message id -> expiry in ms)
 -- ARGV[1] k, the number of plain acks
 -- ARGV[2 .. k+1] acks, each the tag '<id> <attempts>' naming one delivery exactly; acks
 --   arrive mostly oldest first, so most are found at the right end and popped
@@ -14,6 +15,8 @@
 --   action 'B' to the back of ready
 --   action 'D' to the delayed set, due <score> ms from now (by the server's clock)
 --   action 'X' to dead-letter; new value is the dead-letter record
+--   action 'M' an ack that also marks message id <value> processed for <score> ms; the
+--     marker is written even when the ack is late, since the handler's work was done
 -- Returns the 1-based positions (acks first, then the others) of messages no longer in flight.
 local inflight = KEYS[1]
 local k = tonumber(ARGV[1])
@@ -46,11 +49,16 @@ if #missed > 0 then
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local marked = false
 for i = k + 2, #ARGV, 4 do
+  local action = ARGV[i + 1]
+  if action == 'M' then
+    redis.call('ZADD', KEYS[6], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
+    marked = true
+  end
   if redis.call('LREM', inflight, -1, ARGV[i]) == 0 then
     late[#late + 1] = k + (i - k + 2) / 4
   else
-    local action = ARGV[i + 1]
     if action == 'F' then
       redis.call('RPUSH', KEYS[2], ARGV[i + 2])
     elseif action == 'B' then
@@ -63,5 +71,8 @@ for i = k + 2, #ARGV, 4 do
       redis.call('LPUSH', KEYS[4], ARGV[i + 2])
     end
   end
+end
+if marked then
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 end
 return late

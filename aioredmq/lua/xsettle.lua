@@ -2,12 +2,15 @@
 -- consumer that recovered it) is left alone, so a late or resent settle does nothing twice.
 -- KEYS[1] stream
 -- KEYS[2] the group's dead-letter list
+-- KEYS[3] the group's processed-id markers (sorted set: message id -> expiry in ms)
 -- ARGV[1] group
 -- ARGV[2] this consumer
 -- ARGV[3] k, the number of plain acks
 -- ARGV[4 .. k+3] entry ids to ack
 -- ARGV[k+4 ..], four per other settle: entry id, action, value, score
 --   action 'X': ack it and push <value>, its dead-letter record
+--   action 'M': ack it and mark message id <value> processed for <score> ms; the marker
+--     is written even when the ack is late, since the handler's work was done
 --   action 'R': if this consumer still holds it, set its idle time to <value> ms and, when
 --     <score> >= 0, its delivery count to <score>. Idle 0 renews the lease; idle >= the
 --     lease lets any consumer's recovery sweep take it (a release)
@@ -29,6 +32,12 @@ for i = k + 4, #ARGV, 4 do
     if ok then
       redis.call('LPUSH', KEYS[2], ARGV[i + 2])
     end
+  elseif action == 'M' then
+    ok = redis.call('XACK', stream, group, id) == 1
+    local t = redis.call('TIME')
+    local now = t[1] * 1000 + math.floor(t[2] / 1000)
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   elseif action == 'R' then
     ok = #redis.call('XPENDING', stream, group, id, id, 1, me) == 1
     if ok then
