@@ -32,6 +32,9 @@ from .errors import UnavailableError as UnavailableError
 from .errors import WrongTypeError as WrongTypeError
 from .idempotency import Idempotency as Idempotency
 from .message import Message as Message
+from .partitioned import PartitionedConsumer as PartitionedConsumer
+from .partitioned import PartitionedQueue as PartitionedQueue
+from .partitioned import PartitionedStats as PartitionedStats
 from .queue import Queue as Queue
 from .queue import QueueStats as QueueStats
 from .runner import run as run
@@ -65,6 +68,9 @@ __all__ = (
     "MessageStateError",
     "MessageTooLargeError",
     "MsgpackCodec",
+    "PartitionedConsumer",
+    "PartitionedQueue",
+    "PartitionedStats",
     "PublishError",
     "PublishUnconfirmedError",
     "Queue",

@@ -346,14 +346,19 @@ class BaseConsumer(Generic[T]):
         self._settled_all.clear()
         self._settle_wake.set()
 
+    def _after_settle(self, msg: Message[T]) -> None:
+        """A handed-out message was acked, nacked, dead-lettered or given back."""
+
     def _settle_ack(self, msg: Message[T]) -> None:
         self.stats.acked += 1
         self._enqueue(msg._ref, b"A", self._ack_tag(msg), 0)
+        self._after_settle(msg)
 
     def _settle_ack_marked(self, msg: Message[T], ttl_ms: int) -> None:
         """Ack, and mark the message id processed for ``ttl_ms``, in the same script call."""
         self.stats.acked += 1
         self._enqueue(msg._ref, b"M", msg.id.encode(), ttl_ms)
+        self._after_settle(msg)
 
     def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
         policy = self.retry
@@ -363,9 +368,11 @@ class BaseConsumer(Generic[T]):
             return
         self.stats.nacked += 1
         self._retry(msg, policy.backoff_s(msg.deliveries) if delay_s is None else delay_s)
+        self._after_settle(msg)
 
     def _settle_dead(self, msg: Message[T], reason: str) -> None:
         self._dead(msg._ref, msg.raw, reason)
+        self._after_settle(msg)
 
     def _dead(self, ref: bytes, raw: bytes, reason: str) -> None:
         self.stats.dead_lettered += 1
@@ -373,6 +380,7 @@ class BaseConsumer(Generic[T]):
 
     def _settle_release(self, msg: Message[T]) -> None:
         self._release(msg._ref, msg.raw, msg.deliveries, "handler cancelled")
+        self._after_settle(msg)
 
     async def _settle_loop(self) -> None:
         while True:

@@ -22,6 +22,7 @@ import anyio
 from .client import connect
 from .config import RetryPolicy
 from .message import Message
+from .partitioned import PartitionedQueue
 from .queue import Queue
 from .stream import Stream
 from .testing import RedisServer
@@ -47,10 +48,15 @@ async def _worker(args: argparse.Namespace) -> int:
         backoff_max_s=max(args.backoff_initial_s, 300.0),
     )
     async with connect(args.url, prefix=args.prefix) as mq:
-        source: Queue[Any] | Stream[Any]
+        source: Queue[Any] | Stream[Any] | PartitionedQueue[Any]
         if args.stream is not None:
             source = mq.stream(args.stream, lease_s=args.lease_s, retry=retry, codec=args.codec)
             what = f"stream={args.stream} group={args.group}"
+        elif args.partitioned is not None:
+            source = mq.partitioned(
+                args.partitioned, partitions=args.partitions, lease_s=args.lease_s, retry=retry, codec=args.codec
+            )
+            what = f"partitioned={args.partitioned} partitions={args.partitions}"
         else:
             source = mq.queue(args.queue, lease_s=args.lease_s, retry=retry, codec=args.codec)
             what = f"queue={args.queue}"
@@ -147,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     source = w.add_mutually_exclusive_group(required=True)
     source.add_argument("--queue")
     source.add_argument("--stream")
+    source.add_argument("--partitioned", help="a partitioned queue: per-key order")
+    w.add_argument("--partitions", type=int, default=16, help="the partition count, for --partitioned")
     w.add_argument("--group", default="default", help="the consumer group, for --stream")
     w.add_argument("--name", default=None, help="a fixed consumer name, so a restart resumes its own work")
     w.add_argument("--url", default="redis://127.0.0.1:6379/0")

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .channel import Channel, DueWatcher, Overflow, Subscriber, Subscription
     from .idempotency import Idempotency
     from .message import Message
+    from .partitioned import PartitionedQueue
     from .queue import Queue
     from .stream import Stream
 
@@ -96,6 +97,7 @@ class Client:
         self._tasks = Tasks()
         self._queues: dict[str, Queue[Any]] = {}
         self._streams: dict[str, Stream[Any]] = {}
+        self._partitioned: dict[str, PartitionedQueue[Any]] = {}
         self.consumers: set[BaseConsumer[Any]] = set()  # open ones; closed before the pools
         self.subscribers: set[Subscriber] = set()  # open subscriptions; closed with the client
         self._due_watcher: DueWatcher | None = None
@@ -132,7 +134,8 @@ class Client:
                         await consumer.aclose()
                     for subscriber in list(self.subscribers):
                         await subscriber._stop()
-                    for source in [*self._queues.values(), *self._streams.values()]:
+                    partitions = [q for pq in self._partitioned.values() for q in pq.partitions]
+                    for source in [*self._queues.values(), *self._streams.values(), *partitions]:
                         await source.aclose_producers()
             finally:
                 await self._tasks.aclose()
@@ -269,6 +272,36 @@ class Client:
         )
         return _once(self._streams, s)
 
+    def partitioned(
+        self,
+        name: str,
+        *,
+        partitions: int = 16,
+        codec: str | Codec = "json",
+        retry: RetryPolicy | None = None,
+        lease_s: float = 30.0,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        max_buffered: int = 10_000,
+    ) -> PartitionedQueue[Any]:
+        """The partitioned queue ``name``: per-key ordering over ``partitions`` list queues,
+        each held by one consumer at a time. Every producer and consumer must agree on
+        ``partitions``: changing it moves keys to other partitions. ``lease_s`` also bounds
+        how long a crashed consumer's partitions wait before another takes them."""
+        from .partitioned import PartitionedQueue
+
+        self.check_open()
+        pq: PartitionedQueue[Any] = PartitionedQueue(
+            self,
+            name,
+            partitions=partitions,
+            codec=codec,
+            retry=retry or RetryPolicy(),
+            lease_s=lease_s,
+            max_body_bytes=max_body_bytes,
+            max_buffered=max_buffered,
+        )
+        return _once(self._partitioned, pq)
+
     def channel(
         self, name: str, *, codec: str | Codec = "json", max_body_bytes: int = 16 * 1024 * 1024
     ) -> Channel[Any]:
@@ -310,7 +343,7 @@ class Client:
 
     async def run(
         self,
-        queue: Queue[T] | Stream[T],
+        queue: Queue[T] | Stream[T] | PartitionedQueue[T],
         handler: Callable[[Message[T]], Awaitable[object]],
         *,
         group: str | None = None,
@@ -337,7 +370,7 @@ class Client:
         )
 
 
-S = TypeVar("S", "Queue[Any]", "Stream[Any]")
+S = TypeVar("S", "Queue[Any]", "Stream[Any]", "PartitionedQueue[Any]")
 
 
 def _once(cache: dict[str, S], made: S) -> S:

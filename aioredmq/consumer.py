@@ -203,21 +203,23 @@ class Consumer(BaseConsumer[T]):
     async def _tick(self) -> list[bytes]:
         """Renew the lease and learn the next due time; return the consumers whose lease expired."""
         keys = self.queue.keys
+        asked_at = time.monotonic()
         next_ms, in_flight, *expired = await script("heartbeat")(
             self.client.redis,
             (keys.leases, keys.delayed, self._inflight),
             (self.name, self._lease_ms, _REAP_BATCH),
         )
-        self._due.learned(next_ms)
+        self._due.learned(next_ms, asked_at)
         if in_flight > len(self._held):
             # More in our list than we know of: a move whose reply never came (or a take in
             # flight right now). The fetch loop looks, between its own commands.
             self._look_for_orphans = True
         return list(expired)
 
-    async def _reap_expired(self, members: list[bytes]) -> None:
+    async def _reap_expired(self, members: list[bytes], *, force: bool = False) -> None:
         """Recover what each expired consumer held. Members are used as the bytes they are:
-        a member some other writer put there is reaped (and later forgotten) like any other."""
+        a member some other writer put there is reaped (and later forgotten) like any other.
+        ``force``: reap even live leases (a partition's previous holder lost it)."""
         me = self.name.encode()
         keys = self.queue.keys
         for member in members:
@@ -226,7 +228,7 @@ class Consumer(BaseConsumer[T]):
             requeued, dead = await script("reap")(
                 self.queue.client.redis,
                 (keys.leases, keys.inflight_of(member), keys.ready, keys.dead),
-                (member, self.queue.retry.max_deliveries, self._lease_ms),
+                (member, self.queue.retry.max_deliveries, self._lease_ms, int(force)),
             )
             if requeued >= 0 and (requeued or dead):
                 self.stats.reaped_consumers += 1
@@ -252,7 +254,7 @@ class Consumer(BaseConsumer[T]):
             except TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)
-                self._due.learned(-1)  # learn it again from the next successful tick
+                self._due.learned(-1, 0.0)  # learn it again from the next successful tick
             except AioredmqError:
                 log.exception("consumer %s: heartbeat failed", self.name)
             due = self._due.due

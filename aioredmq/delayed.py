@@ -80,9 +80,11 @@ class DueTimer:
             self.due = due
             self._wake()
 
-    def learned(self, next_ms: int) -> None:
-        """A script's reply: the earliest due time is ``next_ms`` away (-1: nothing waits)."""
-        self.due = None if next_ms < 0 else time.monotonic() + next_ms / 1000.0
+    def learned(self, next_ms: int, asked_at: float) -> None:
+        """A script's reply: the earliest due time was ``next_ms`` away (-1: nothing waits)
+        when the script ran, which was after ``asked_at``: counting from there, a slow reply
+        makes the timer early (a harmless empty move), never late."""
+        self.due = None if next_ms < 0 else asked_at + next_ms / 1000.0
 
     def is_due(self) -> bool:
         return self.due is not None and time.monotonic() >= self.due
@@ -91,8 +93,9 @@ class DueTimer:
         """Move what is due; return how many moved."""
         total: int = 0
         while True:
+            asked_at = time.monotonic()
             moved, next_ms = await script("promote")(self._client.redis, self._keys, (self._mode, _PROMOTE_BATCH))
             total += int(moved)
             if next_ms != 0 or moved == 0:
-                self.learned(next_ms)
+                self.learned(next_ms, asked_at)
                 return total

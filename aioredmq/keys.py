@@ -21,6 +21,14 @@ A stream's keys follow the same rule::
     <prefix>:{<name>}:delayed, :scheduled as for queues; due entries are appended to the stream
     <prefix>:{<name>}:producer:<id>       string; as for queues
 
+A partitioned queue ``<name>`` of N partitions is N list queues named ``<name>#<i>``,
+each with its own hash tag ``{<name>#<i>}`` so that they spread over Cluster nodes, and
+the keys that say who holds which partition::
+
+    <prefix>:{<name>}:members             zset; member consumer -> membership deadline (ms)
+    <prefix>:{<name>}:holders             hash; partition -> the member holding it
+    <prefix>:{<name>}:holds               zset; partition -> hold deadline (ms)
+
 Pub/sub channel names follow it too, so a sharded channel lands with its name's slot::
 
     <prefix>:{<name>}:channel             a user's pub/sub channel
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ("QueueKeys", "StreamKeys", "channel_name", "check_name")
+__all__ = ("PartitionKeys", "QueueKeys", "StreamKeys", "channel_name", "check_name")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")
 
@@ -125,3 +133,24 @@ class StreamKeys(_Keys):
 
     def done(self, group: str) -> str:
         return f"{self.base}:done:{group}"
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys(_Keys):
+    """Who holds which partition of a partitioned queue."""
+
+    @property
+    def members(self) -> str:
+        return f"{self.base}:members"
+
+    @property
+    def holders(self) -> str:
+        return f"{self.base}:holders"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.base}:holds"
+
+    def partition(self, index: int) -> str:
+        """The queue name of partition ``index``."""
+        return f"{self.name}#{index}"

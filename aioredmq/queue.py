@@ -49,11 +49,13 @@ class Queue(Publishing[T]):
         lease_s: float,
         max_body_bytes: int,
         max_buffered: int,
+        partition_of: str | None = None,
     ) -> None:
+        # A partition of a partitioned queue is named '<name>#<i>': checked as <name>.
         self.keys = keys = QueueKeys(client.prefix, name)
         self._setup(
             client,
-            name,
+            name if partition_of is None else partition_of,
             keys,
             codec=codec,
             retry=retry,
@@ -69,6 +71,7 @@ class Queue(Publishing[T]):
             producer_key=self.keys.producer(os.urandom(8).hex()),
             max_buffered=max_buffered,
         )
+        self.name = name
         self._dead = DeadLetters(client, self.keys.dead, self.keys.ready, "list", lambda raw, _: with_attempts(raw, 0))
         self.settings = (self.codec.name, retry, self.lease_s, max_body_bytes, max_buffered)
 

@@ -20,6 +20,7 @@ from .config import check_positive
 from .errors import ConfigError
 from .idempotency import Idempotency
 from .message import Message
+from .partitioned import PartitionedConsumer, PartitionedQueue
 from .stream import Stream
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 
 async def run(
-    queue: Queue[T] | Stream[T],
+    queue: Queue[T] | Stream[T] | PartitionedQueue[T],
     handler: Callable[[Message[T]], Awaitable[object]],
     *,
     group: str | None = None,
@@ -57,8 +58,12 @@ async def run(
     if handler_timeout_s is not None:
         check_positive("handler_timeout_s", handler_timeout_s)
     prefetch = prefetch or max(2 * concurrency, 64)
-    consumer: BaseConsumer[T]
-    if isinstance(queue, Stream):
+    consumer: BaseConsumer[T] | PartitionedConsumer[T]
+    if isinstance(queue, PartitionedQueue):
+        if group is not None:
+            raise ConfigError(f"group={group!r} applies to streams; {queue!r} is a partitioned queue")
+        consumer = queue.consume(prefetch=prefetch, name=name)
+    elif isinstance(queue, Stream):
         consumer = queue.consume(group or "default", prefetch=prefetch, name=name)
     elif group is not None:
         raise ConfigError(f"group={group!r} applies to streams; {queue!r} is a queue")
@@ -91,7 +96,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def _workers(
-    consumer: BaseConsumer[T],
+    consumer: BaseConsumer[T] | PartitionedConsumer[T],
     handler: Callable[[Message[T]], Awaitable[object]],
     concurrency: int,
     handler_timeout_s: float | None,

@@ -26,7 +26,7 @@ def envelope(attempts: int = 0) -> bytes:
 
 async def reap(raw: aioredis.Redis, consumer: str, max_deliveries: int = 3, keep_ms: int = 1000) -> list[int]:
     keys = (K.leases, K.inflight(consumer), K.ready, K.dead)
-    result: list[int] = await script("reap")(raw, keys, (consumer, max_deliveries, keep_ms))
+    result: list[int] = await script("reap")(raw, keys, (consumer, max_deliveries, keep_ms, 0))
     return result
 
 

@@ -7,7 +7,8 @@ the URL in ``AIOREDMQ_TEST_URL``, as ``"<message id> <deliveries>"``:
   worker killed at any moment is in the middle of a batch;
 * ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends;
 * ``timed_handler`` pushes to ``TIMED`` with the time it ran (Unix ms);
-* ``idempotent_handler`` applies an effect with its processed-id marker, then stalls.
+* ``idempotent_handler`` applies an effect with its processed-id marker, then stalls;
+* ``ordered_handler`` records each handling of a partitioned queue's message, and its effect once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import anyio
 import redis.asyncio as aioredis
 
 import aioredmq
+from aioredmq.partitioned import KEY_HEADER
 
 STARTED = "test:started"
 DONE = "test:done"
@@ -70,3 +72,15 @@ async def idempotent_handler(msg: aioredmq.Message[Any]) -> None:
     await _client().rpush(EFFECTS, f"{msg.id} {msg.deliveries} {int(applied)}")
     if msg.deliveries == 1:
         await anyio.sleep(30)
+
+
+ORDER = "test:order"
+
+
+async def ordered_handler(msg: aioredmq.Message[Any]) -> None:
+    """For a partitioned queue whose bodies are sequence numbers: records every handling as
+    ``"<key> <seq> <deliveries>"`` in ``ORDER``, and applies the effect (appending the seq
+    to ``test:effects:<key>``) once per message id."""
+    key = msg.headers[KEY_HEADER]
+    await _client().rpush(ORDER, f"{key} {msg.body} {msg.deliveries}")
+    await ONCE.apply(msg, ("RPUSH", f"test:effects:{key}", msg.body))

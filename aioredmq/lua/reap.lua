@@ -7,11 +7,14 @@
 -- ARGV[1] consumer name
 -- ARGV[2] max deliveries
 -- ARGV[3] how long (ms) an expired, empty lease is kept before it is forgotten
+-- ARGV[4] '1': reap even a live lease, and forget it (the caller took over a partition of a
+--   partitioned queue, whose previous holder lost it); otherwise '0'
 -- Returns {requeued, dead_lettered}; {-1, 0} when the lease is alive again (nothing touched).
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if deadline and tonumber(deadline) >= now then
+local force = ARGV[4] == '1'
+if deadline and tonumber(deadline) >= now and not force then
   return {-1, 0}
 end
 local max = tonumber(ARGV[2])
@@ -41,7 +44,7 @@ end
 redis.call('DEL', KEYS[2])
 -- Keep an expired entry for a while: a partitioned consumer's last blocking move may still
 -- land in its in-flight list, and the next reap must find it.
-if deadline and tonumber(deadline) + tonumber(ARGV[3]) < now and #items == 0 then
+if force or (deadline and tonumber(deadline) + tonumber(ARGV[3]) < now and #items == 0) then
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return {requeued, dead}

@@ -1,0 +1,489 @@
+"""The partitioned queue: per-key ordering, with different keys in parallel.
+
+A message published with a ``key`` goes to partition ``crc32(key) % N``, a list queue of
+its own (``<name>#<i>``, hash tag ``{<name>#<i>}``: partitions spread over Cluster
+nodes). Each partition is held by at most one consumer at a time, through a lease that
+the holder renews every ``lease_s / 3``; the members share the partitions fairly and
+rebalance as members join or leave (``partition_balance`` script).
+
+Within a consumer, a message is handed out only when no earlier message of the same key
+is unsettled, so one key's messages are handled strictly in publish order while other
+keys run in parallel. A failed message keeps its key blocked: it is delivered again in
+place after its backoff (or dead-lettered at the limit), never behind later messages.
+
+Across a crash the order holds too: when a member takes over a partition, before it
+fetches anything it returns every message the previous holder had in flight to the front
+of the partition's ready list (oldest first). A member giving a partition up in a
+rebalance first lets its running handlers finish, returns the rest to the front, then
+releases the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
+
+import anyio
+
+from .base_consumer import default_consumer_name
+from .codecs import Codec
+from .commands import execute, pipeline
+from .config import RetryPolicy, check_positive
+from .consumer import Consumer
+from .envelope import with_attempts
+from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError
+from .keys import PartitionKeys, check_name
+from .message import Message
+from .queue import Queue, QueueStats
+from .scripts import script
+from .tasks import Tasks
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ("KEY_HEADER", "PartitionedConsumer", "PartitionedQueue", "PartitionedStats")
+
+log = logging.getLogger("aioredmq.partitioned")
+T = TypeVar("T")
+
+KEY_HEADER = "aioredmq-key"
+"""The header that carries a message's ordering key."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionedStats:
+    partitions: list[QueueStats]
+    holders: dict[int, str]
+    """Partition -> the member holding it (live or not yet expired)."""
+    members: dict[str, float]
+    """Members -> seconds until their membership expires."""
+
+
+class PartitionedQueue(Generic[T]):
+    """N list queues and the leases that give each to one consumer. Get one with
+    ``client.partitioned(name, partitions=N)``."""
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        partitions: int,
+        codec: str | Codec,
+        retry: RetryPolicy,
+        lease_s: float,
+        max_body_bytes: int,
+        max_buffered: int,
+    ) -> None:
+        check_name("name", name)
+        check_positive("partitions", partitions, integer=True)
+        self.client = client
+        self.name = name
+        self.keys = PartitionKeys(client.prefix, name)
+        self.retry = retry
+        self.lease_s = float(lease_s)
+        self.partitions: list[Queue[T]] = [
+            Queue(
+                client,
+                self.keys.partition(i),
+                codec=codec,
+                retry=retry,
+                lease_s=lease_s,
+                max_body_bytes=max_body_bytes,
+                max_buffered=max_buffered,
+                partition_of=name,
+            )
+            for i in range(partitions)
+        ]
+        self.settings = (partitions, *self.partitions[0].settings)
+
+    def __repr__(self) -> str:
+        return f"<PartitionedQueue {self.name!r} partitions={len(self.partitions)}>"
+
+    def partition_of(self, key: str) -> int:
+        """The partition a key's messages go to (stable across processes and versions)."""
+        return zlib.crc32(key.encode("utf-8")) % len(self.partitions)
+
+    def _headers(self, key: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"key={key!r} must be a non-empty string")
+        return {**(headers or {}), KEY_HEADER: key}
+
+    async def publish(
+        self,
+        body: T,
+        *,
+        key: str,
+        headers: Mapping[str, str] | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> str:
+        """Append one message to ``key``'s partition; return its id once Redis has it.
+
+        A delayed message joins its key's order when it becomes due, not when published.
+        """
+        partition = self.partitions[self.partition_of(key)]
+        return await partition.publish(body, headers=self._headers(key, headers), delay=delay, at=at)
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, T]], *, headers: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Append ``(key, body)`` pairs; each key's messages keep their order. Returns the ids
+        in the order given. Partitions are written concurrently: if an error is raised,
+        some keys' messages may have been published."""
+        by_key: dict[str, list[int]] = {}
+        pairs = list(items)
+        for i, (key, _) in enumerate(pairs):
+            by_key.setdefault(key, []).append(i)
+        ids: list[str] = [""] * len(pairs)
+
+        async def one_key(key: str, positions: list[int]) -> None:
+            partition = self.partitions[self.partition_of(key)]
+            sent = await partition.publish_many([pairs[i][1] for i in positions], headers=self._headers(key, headers))
+            for i, message_id in zip(positions, sent, strict=True):
+                ids[i] = message_id
+
+        async with anyio.create_task_group() as tg:
+            for key, positions in by_key.items():
+                tg.start_soon(one_key, key, positions)
+        return ids
+
+    async def cancel(self, message_id: str) -> bool:
+        """Withdraw a delayed message by id, from whichever partition holds it."""
+        for partition in self.partitions:
+            if await partition.cancel(message_id):
+                return True
+        return False
+
+    def consume(
+        self,
+        *,
+        prefetch: int = 100,
+        name: str | None = None,
+        block_s: float = 5.0,
+        close_timeout_s: float = 10.0,
+        handover_grace_s: float = 30.0,
+    ) -> PartitionedConsumer[T]:
+        """A member; use ``async with pq.consume() as c: async for msg in c``.
+
+        ``prefetch`` applies per partition held. ``handover_grace_s``: how long running
+        handlers of a partition given up in a rebalance may take before it is handed over.
+        """
+        return PartitionedConsumer(
+            self,
+            prefetch=prefetch,
+            name=name,
+            block_s=block_s,
+            close_timeout_s=close_timeout_s,
+            handover_grace_s=handover_grace_s,
+        )
+
+    async def stats(self) -> PartitionedStats:
+        """Each partition's counts, who holds which, and the members' remaining leases."""
+        k = self.keys
+        parts = [await p.stats() for p in self.partitions]
+        holders, members, (now_s, now_us) = await pipeline(
+            self.client.redis,
+            [("HGETALL", k.holders), ("ZRANGE", k.members, 0, -1, "WITHSCORES"), ("TIME",)],
+            keys=(k.holders, k.members),
+        )
+        if members and not isinstance(members[0], (list, tuple)):  # a flat reply: member, score, ...
+            members = list(zip(members[::2], members[1::2], strict=True))
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        return PartitionedStats(
+            partitions=parts,
+            holders={int(p): h.decode("utf-8", "replace") for p, h in holders.items()},
+            members={m.decode("utf-8", "replace"): (float(score) - now_ms) / 1000.0 for m, score in members},
+        )
+
+
+class _PartitionConsumer(Consumer[T]):
+    """One held partition's consumer, feeding its member's key-ordered hand-out."""
+
+    def __init__(self, member: PartitionedConsumer[T], index: int, queue: Queue[T]) -> None:
+        super().__init__(
+            queue,
+            prefetch=member.prefetch,
+            name=member.name,
+            block_s=member.block_s,
+            close_timeout_s=member.close_timeout_s,
+        )
+        self.index = index
+        self._member = member
+        self._parked: dict[bytes, asyncio.TimerHandle] = {}
+
+    async def _open(self) -> None:
+        # Whoever held this partition before lost it: what it had in flight goes back to
+        # the front, oldest first, before anything new is fetched.
+        leases = self.queue.keys.leases
+        listed: list[bytes] = await execute(self.client.redis, "ZRANGE", leases, 0, -1, keys=(leases,))
+        others = [m for m in listed if m != self.name.encode()]
+        if others:
+            await self._reap_expired(others, force=True)
+        await super()._open()
+
+    def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
+        super()._deliver(msgs, fetched)
+        self._member._wake.set()
+
+    def _after_settle(self, msg: Message[T]) -> None:
+        if msg._ref not in self._parked:
+            self._member._key_done(self, msg)
+
+    # A failed message stays in our in-flight list and its key stays blocked; it is
+    # handed out again after its backoff. Its envelope in Redis keeps the attempt count
+    # it arrived with, so acks name it by that count.
+
+    def _retry(self, msg: Message[T], delay_s: float | None) -> None:
+        self._parked[msg._ref] = asyncio.get_running_loop().call_later(delay_s or 0.0, self._redeliver, msg)
+
+    def _redeliver(self, msg: Message[T]) -> None:
+        if self._parked.pop(msg._ref, None) is None or self._state != 1:
+            return
+        msg._settled = False
+        msg._started = False
+        msg.deliveries += 1
+        self._ready.appendleft(msg)
+        self._member._wake.set()
+
+    def _ack_tag(self, msg: Message[T]) -> bytes:
+        return b"%b %b" % (msg.id.encode(), msg.raw.split(b" ", 3)[2])
+
+    def _return_unstarted(self, msgs: list[Message[T]]) -> None:
+        for msg in reversed(msgs):  # the oldest ends up first; the count says what was tried
+            self._enqueue(msg.raw, b"F", with_attempts(msg.raw, msg.deliveries - 1), 0)
+
+    def give_back_parked(self) -> None:
+        """Closing: parked retries return to the front like unfinished deliveries."""
+        for ref, handle in list(self._parked.items()):
+            handle.cancel()
+            msg = self._held.get(ref)
+            if msg is not None:
+                msg._settled = False
+        self._parked.clear()
+
+    @property
+    def busy(self) -> bool:
+        """Handed-out messages not settled yet, or parked retries."""
+        return bool(self._parked) or any(m is not None and m._started and not m._settled for m in self._held.values())
+
+
+class PartitionedConsumer(Generic[T]):
+    """One member of a partitioned queue's consumers; iterate it like any consumer."""
+
+    def __init__(
+        self,
+        pq: PartitionedQueue[T],
+        *,
+        prefetch: int,
+        name: str | None,
+        block_s: float,
+        close_timeout_s: float,
+        handover_grace_s: float,
+    ) -> None:
+        check_positive("prefetch", prefetch, integer=True)
+        check_positive("block_s", block_s)
+        check_positive("close_timeout_s", close_timeout_s)
+        check_positive("handover_grace_s", handover_grace_s, zero=True)
+        self.pq = pq
+        self.client = pq.client
+        self.label = pq.name
+        self.name = check_name("name", name) if name is not None else default_consumer_name()
+        self.prefetch = prefetch
+        self.block_s = block_s
+        self.close_timeout_s = close_timeout_s
+        self.handover_grace_s = handover_grace_s
+        self._lease_ms = int(pq.lease_s * 1000)
+        self._subs: dict[int, _PartitionConsumer[T]] = {}
+        self._leaving: set[int] = set()  # being handed over
+        self._busy: dict[tuple[int, str | None], Message[T]] = {}
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Event()  # a handed-out message was settled
+        self._tasks = Tasks(on_crash=self._crashed)
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._state = 0
+        self._rr = 0
+        self.fair_share = 0
+        self.members = 0
+
+    @property
+    def held_partitions(self) -> list[int]:
+        return sorted(self._subs)
+
+    @property
+    def held(self) -> int:
+        return sum(sub.held for sub in self._subs.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._state == 2
+
+    def _crashed(self, exc: BaseException) -> None:
+        self._error = exc
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state:
+            raise ClosedError("a consumer can be opened only once; call consume() again")
+        self.client.check_open()
+        self._state = 1
+        try:
+            await self._balance()
+        except BaseException:
+            self._state = 2
+            with anyio.CancelScope(shield=True):
+                await self._close_subs(list(self._subs))
+                await self._call_balance(leave=True)
+            raise
+        self._tasks.spawn(self._balance_loop(), f"aioredmq-balance-{self.name}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop, give back what is unfinished in every partition, release them, leave."""
+        if self._state != 1:
+            self._state = 2
+            return
+        self._state = 2
+        self._wake.set()
+        with anyio.CancelScope(shield=True):
+            await self._tasks.aclose()
+            await self._close_subs(list(self._subs))
+            try:
+                await self._call_balance(leave=True)
+            except AioredmqError as exc:
+                log.warning("member %s of %s did not leave cleanly (%s); its leases expire", self.name, self.label, exc)
+
+    async def _close_subs(self, indexes: list[int]) -> None:
+        for index in indexes:
+            sub = self._subs.pop(index)
+            sub.give_back_parked()
+            await sub.aclose()
+            for key in [k for k, m in self._busy.items() if k[0] == index]:
+                del self._busy[key]
+
+    # -- balancing -------------------------------------------------------------------
+
+    async def _call_balance(self, *, leave: bool = False, give_up: Iterable[int] = ()) -> list[int]:
+        k = self.pq.keys
+        fair, live, *mine = await script("partition_balance")(
+            self.client.redis,
+            (k.members, k.holders, k.holds),
+            (self.name, self._lease_ms, len(self.pq.partitions), int(leave), *give_up),
+        )
+        self.fair_share, self.members = int(fair), int(live)
+        return [int(p) for p in mine]
+
+    async def _balance(self) -> None:
+        mine = set(await self._call_balance())
+        lost = [i for i in self._subs if i not in mine]
+        if lost:
+            log.warning("member %s lost partitions %s of %s (its lease lapsed)", self.name, lost, self.label)
+            await self._close_subs(lost)
+            self._leaving.difference_update(lost)
+        for index in sorted(mine - set(self._subs)):
+            sub = _PartitionConsumer(self, index, self.pq.partitions[index])
+            await sub.__aenter__()
+            self._subs[index] = sub
+            log.info("member %s took partition %d of %s", self.name, index, self.label)
+        extra = len(mine) - len(self._leaving) - self.fair_share
+        if extra > 0:
+            for index in sorted(mine - self._leaving, reverse=True)[:extra]:
+                self._leaving.add(index)
+                self._subs[index].stop_delivery()
+                self._tasks.spawn(self._hand_over(index), f"aioredmq-handover-{self.name}-{index}")
+        self._wake.set()
+
+    async def _hand_over(self, index: int) -> None:
+        """Let running handlers finish, give the rest back, then release the partition."""
+        sub = self._subs.get(index)
+        with anyio.move_on_after(self.handover_grace_s):
+            while sub is not None and sub.busy and self._subs.get(index) is sub:
+                self._settled.clear()
+                await self._settled.wait()
+        if sub is None or self._subs.get(index) is not sub:
+            return
+        await self._close_subs([index])
+        self._leaving.discard(index)
+        await self._call_balance(give_up=[index])
+        log.info("member %s handed partition %d of %s over", self.name, index, self.label)
+
+    async def _balance_loop(self) -> None:
+        interval = self.pq.lease_s / 3
+        failures = 0
+        while self._state == 1:
+            await anyio.sleep(interval if not failures else min(0.05 * 2**failures, interval))
+            try:
+                await self._balance()
+                failures = 0
+            except TRANSIENT as exc:
+                failures += 1
+                log.warning("member %s of %s: balancing failed (%s)", self.name, self.label, exc)
+
+    # -- hand-out in key order -------------------------------------------------------
+
+    def _key_done(self, sub: _PartitionConsumer[T], msg: Message[T]) -> None:
+        key = (sub.index, msg.headers.get(KEY_HEADER))
+        if self._busy.get(key) is msg:
+            del self._busy[key]
+            self._wake.set()
+        self._settled.set()
+
+    def stop_delivery(self) -> None:
+        """Hand out no more messages: iterators end; what is buffered returns on close."""
+        self._stopped = True
+        self._wake.set()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    def _pick(self) -> Message[T] | None:
+        subs = [s for i, s in sorted(self._subs.items()) if i not in self._leaving]
+        for turn in range(len(subs)):
+            sub = subs[(self._rr + turn) % len(subs)]
+            ready: deque[Message[T]] = sub._ready
+            for position, msg in enumerate(ready):
+                key = (sub.index, msg.headers.get(KEY_HEADER))
+                holder = self._busy.get(key)
+                if holder is None or holder is msg:
+                    del ready[position]
+                    if key[1] is not None:
+                        self._busy[key] = msg
+                    msg._started = True
+                    sub.stats.delivered += 1
+                    self._rr = (self._rr + turn + 1) % len(subs)
+                    return msg
+        return None
+
+    async def __anext__(self) -> Message[T]:
+        while True:
+            if self._stopped or self._state == 2:
+                if self._state == 0:
+                    raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
+                raise StopAsyncIteration
+            if self._state == 0:
+                raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
+            if self._error is not None:
+                raise self._error
+            msg = self._pick()
+            if msg is not None:
+                return msg
+            self._wake.clear()
+            await self._wake.wait()
