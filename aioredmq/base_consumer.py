@@ -150,6 +150,10 @@ class BaseConsumer(Generic[T]):
     async def _timer_loop(self) -> None:
         raise NotImplementedError
 
+    async def _return_strays(self) -> None:
+        """Once the fetch has stopped, before anything else is given back: return what a
+        cancelled read may have moved to us unknown. It is newer than every message held."""
+
     async def _close_in_redis(self) -> None:
         """After every settle is flushed: hand back strays, deregister."""
         raise NotImplementedError
@@ -217,6 +221,11 @@ class BaseConsumer(Generic[T]):
         with anyio.CancelScope(shield=True):
             if self._fetch_task is not None:
                 await cancel_and_wait(self._fetch_task)
+            try:
+                with anyio.move_on_after(self.close_timeout_s):
+                    await self._return_strays()
+            except AioredmqError as exc:
+                log.warning("consumer %s: could not look for strays on close: %s", self.name, exc)
             self._has_ready.set()  # wake iterators: they stop
             unstarted = list(self._ready)
             self._ready.clear()

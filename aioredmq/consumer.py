@@ -76,9 +76,13 @@ class Consumer(BaseConsumer[T]):
         await self._tick()
         await self._recover_own_leftovers()
 
-    async def _close_in_redis(self) -> None:
-        # A blocking move cancelled on close may still have landed: hand it back.
+    async def _return_strays(self) -> None:
+        # A blocking move cancelled on close may have landed. What it moved is newer than
+        # every message held, so it goes to the front first, and the older ones in front of it.
         await self._return_orphans()
+
+    async def _close_in_redis(self) -> None:
+        await self._return_orphans()  # nothing should be left by now; cheap to make sure
         await script("deregister")(self.client.redis, (self.queue.keys.leases, self._inflight), (self.name,))
 
     # -- fetch -----------------------------------------------------------------------
@@ -144,10 +148,10 @@ class Consumer(BaseConsumer[T]):
         return listed
 
     async def _return_orphans(self) -> None:
-        listed = await self._list_inflight()
+        listed, settled = await self._listing(self._list_inflight())
         args: list[Any] = [0]
         for raw in listed:  # newest first: each goes to the front, so the oldest ends first
-            if raw not in self._held:
+            if raw not in self._held and raw not in settled:
                 args += (raw, b"F", raw, 0)
         if len(args) > 1:
             await script("settle")(self.client.redis, self._settle_keys, args)

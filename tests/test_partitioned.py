@@ -116,6 +116,10 @@ async def test_partitions_are_shared_and_rebalanced_without_loss(mq: aioredmq.Cl
         stats = await pq.stats()
         assert sorted(stats.holders.values()) == ["a"] * 3 + ["b"] * 3
         await wait_for(lambda: sum(map(len, handled.values())) == 12 * total, what="every message")
+        b.stop_delivery()  # b's workers end, it closes and leaves: a takes everything back
+        await wait_for(lambda: b.closed and len(a.held_partitions) == 6, what="a to take b's partitions back")
+        await publish(10)
+        await wait_for(lambda: sum(map(len, handled.values())) == 12 * total, what="every message after b left")
         tg.cancel_scope.cancel()
     assert all(seq == list(range(total)) for seq in handled.values())
     stats = await pq.stats()

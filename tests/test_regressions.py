@@ -521,3 +521,25 @@ async def test_a_publish_refused_for_a_moment_is_retried_without_a_duplicate(
         tg.start_soon(allow_soon)
         mid = await queue.publish("refused, then accepted")
     assert [decode(e).id for e in await lrange_bytes(raw, queue.keys.ready)] == [mid]
+
+
+async def test_closing_puts_a_stray_from_a_cancelled_read_behind_the_older_messages_it_held(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    # A blocking move cancelled on close may land in the in-flight list unknown to the
+    # consumer. It is newer than what the consumer held; giving it back first put it in
+    # front of them, which broke a partitioned queue's per-key order on a hand-over.
+    q = mq.queue("strays")
+    await q.publish_many(["old1", "old2"])
+    async with q.consume(prefetch=10) as consumer:
+        await wait_for(lambda: consumer.held == 2, what="the two messages to be fetched")
+        stray = encode(new_id(), 0, 1, "json", None, b'"new"')
+        await raw.lpush(q.keys.inflight(consumer.name), stray)  # as a landed, unanswered BLMOVE would
+    line = [decode(e).id for e in reversed(await lrange_bytes(raw, q.keys.ready))]
+    bodies = []
+    async with q.consume() as consumer:
+        for _ in line:
+            msg = await consumer.__anext__()
+            bodies.append(msg.body)
+            await msg.ack()
+    assert bodies == ["old1", "old2", "new"]
