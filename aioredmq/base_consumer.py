@@ -183,8 +183,8 @@ class BaseConsumer(Generic[T]):
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         client.consumers.add(self)
         try:
+            await self._open()  # first: a stream's group must exist before due entries are appended
             await self._due.open()
-            await self._open()
         except BaseException:
             self._state = 2
             self._due.close()

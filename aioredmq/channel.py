@@ -89,7 +89,8 @@ class SubscriptionStats:
 class Subscriber:
     """One connection kept subscribed to fixed channels and patterns (wire names).
 
-    Subclasses receive ``_on_message(wire_channel, data)`` and ``_on_gap()``; both run in
+    Subclasses receive ``_on_message(wire_channel, data)``, ``_on_gap()`` and
+    ``_on_resubscribed()``; all run in
     the reader task and must not block.
     """
 
@@ -113,7 +114,10 @@ class Subscriber:
         raise NotImplementedError
 
     def _on_gap(self) -> None:
-        raise NotImplementedError
+        """The link broke: messages may be lost until it is back (called before resubscribing)."""
+
+    def _on_resubscribed(self) -> None:
+        """Subscribed again: from here on nothing is missed."""
 
     def _crashed(self, exc: BaseException) -> None:
         raise NotImplementedError
@@ -173,12 +177,13 @@ class Subscriber:
             conn = self._conn
             try:
                 if conn is None:
+                    self._on_gap()  # before _subscribe(): it may already dispatch messages
                     self._conn = conn = await self._subscribe()
                     failures = 0
                     self.stats.reconnects += 1
                     self.stats.gaps += 1
                     log.warning("subscription to %s resubscribed; messages may have been missed", self._names())
-                    self._on_gap()
+                    self._on_resubscribed()
                 reply = await conn.read_response(push_request=True)
             except (rex.RedisError, OSError) as exc:
                 if self._state != 1:
@@ -287,6 +292,7 @@ class Subscription(Subscriber, Generic[T]):
     async def aclose(self) -> None:
         """Unsubscribe (close the connection). Buffered messages are discarded."""
         await self._stop()
+        self._buf.clear()
         self._has.set()
 
     @property
@@ -423,7 +429,7 @@ class DueWatcher(Subscriber):
         for callback in list(self._watchers.get(channel, ())):
             callback(delay_s)
 
-    def _on_gap(self) -> None:
+    def _on_resubscribed(self) -> None:
         for callbacks in list(self._watchers.values()):
             for callback in list(callbacks):
                 callback(None)

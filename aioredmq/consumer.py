@@ -258,7 +258,7 @@ class Consumer(BaseConsumer[T]):
             except TRANSIENT as exc:
                 self.stats.connection_errors += 1
                 log.warning("consumer %s: heartbeat failed (%s)", self.name, exc)
-                self._due.learned(-1, 0.0)  # learn it again from the next successful tick
+                self._due.forget()  # learn it again from the next successful tick
             except AioredmqError:
                 log.exception("consumer %s: heartbeat failed", self.name)
             due = self._due.due

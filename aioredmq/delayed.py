@@ -61,6 +61,7 @@ class DueTimer:
         self._wake = wake
         self._stop: Callable[[], None] | None = None
         self.due: float | None = None
+        self._hinted_at = 0.0
 
     async def open(self) -> None:
         """Hear of new earliest due times, then move what is due already."""
@@ -75,7 +76,8 @@ class DueTimer:
 
     def hint(self, delay_s: float | None) -> None:
         """Something is due in ``delay_s`` (``None``: a notice may have been missed, look now)."""
-        due = time.monotonic() + (delay_s or 0.0)
+        self._hinted_at = now = time.monotonic()
+        due = now + (delay_s or 0.0)
         if self.due is None or due < self.due:
             self.due = due
             self._wake()
@@ -84,7 +86,15 @@ class DueTimer:
         """A script's reply: the earliest due time was ``next_ms`` away (-1: nothing waits)
         when the script ran, which was after ``asked_at``: counting from there, a slow reply
         makes the timer early (a harmless empty move), never late."""
-        self.due = None if next_ms < 0 else asked_at + next_ms / 1000.0
+        learned = None if next_ms < 0 else asked_at + next_ms / 1000.0
+        if self._hinted_at > asked_at and self.due is not None:
+            # A notice came after the script ran: the reply cannot know of it.
+            learned = self.due if learned is None else min(learned, self.due)
+        self.due = learned
+
+    def forget(self) -> None:
+        """After a failure: wait for the next regular tick (or notice) to learn it again."""
+        self.due = None
 
     def is_due(self) -> bool:
         return self.due is not None and time.monotonic() >= self.due

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 from .commands import pipeline
 from .config import check_positive
+from .errors import AioredmqError
 from .message import Message
 from .scripts import script
 
@@ -98,7 +99,15 @@ class _Once(Generic[T]):
 
     async def __aenter__(self) -> bool:
         await self._processing.__aenter__()
-        self._fresh = not await self._once.seen(self._msg)
+        msg = self._msg
+        try:
+            self._fresh = not await self._once.seen(msg)
+        except AioredmqError as exc:
+            log.warning("message %s: processed-id check failed (%s); retrying it later", msg.id, exc)
+            msg._claim("nack")
+            msg._consumer._settle_nack(msg, None, f"processed-id check failed: {exc}")
+            self._fresh = False
+            return False
         if not self._fresh:
             log.info("message %s was processed before; skipping it", self._msg.id, extra={"message_id": self._msg.id})
         return self._fresh

@@ -245,13 +245,25 @@ class _PartitionConsumer(Consumer[T]):
         self._parked[msg._ref] = asyncio.get_running_loop().call_later(delay_s or 0.0, self._redeliver, msg)
 
     def _redeliver(self, msg: Message[T]) -> None:
-        if self._parked.pop(msg._ref, None) is None or self._state != 1:
-            return
+        if self._parked.pop(msg._ref, None) is not None and self._state == 1:
+            self._back_to_head(msg)
+
+    def _settle_release(self, msg: Message[T]) -> None:
+        # A cancelled handler: while open, back to the head here, its key still blocked,
+        # so nothing later of the key overtakes it (close returns it first, in order).
+        if self._state != 1:
+            super()._settle_release(msg)
+        else:
+            self._back_to_head(msg)
+
+    def _back_to_head(self, msg: Message[T]) -> None:
+        """Deliver ``msg`` again before anything else, counting the delivery that ended."""
         msg._settled = False
         msg._started = False
         msg.deliveries += 1
         self._ready.appendleft(msg)
         self._member._wake.set()
+        self._member._settled.set()
 
     def _ack_tag(self, msg: Message[T]) -> bytes:
         return b"%b %b" % (msg.id.encode(), msg.raw.split(b" ", 3)[2])
@@ -306,6 +318,7 @@ class PartitionedConsumer(Generic[T]):
         self._busy: dict[tuple[int, str | None], Message[T]] = {}
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # a handed-out message was settled
+        self._balancing = anyio.Lock()  # a balance and the end of a hand-over never interleave
         self._tasks = Tasks(on_crash=self._crashed)
         self._error: BaseException | None = None
         self._stopped = False
@@ -338,7 +351,8 @@ class PartitionedConsumer(Generic[T]):
         self.client.check_open()
         self._state = 1
         try:
-            await self._balance()
+            async with self._balancing:
+                await self._balance()
         except BaseException:
             self._state = 2
             with anyio.CancelScope(shield=True):
@@ -373,7 +387,9 @@ class PartitionedConsumer(Generic[T]):
 
     async def _close_subs(self, indexes: list[int]) -> None:
         for index in indexes:
-            sub = self._subs.pop(index)
+            sub = self._subs.pop(index, None)
+            if sub is None:
+                continue
             sub.give_back_parked()
             await sub.aclose()
             for key in [k for k, m in self._busy.items() if k[0] == index]:
@@ -418,11 +434,12 @@ class PartitionedConsumer(Generic[T]):
             while sub is not None and sub.busy and self._subs.get(index) is sub:
                 self._settled.clear()
                 await self._settled.wait()
-        if sub is None or self._subs.get(index) is not sub:
-            return
-        await self._close_subs([index])
-        self._leaving.discard(index)
-        await self._call_balance(give_up=[index])
+        async with self._balancing:
+            if sub is None or self._subs.get(index) is not sub:
+                return
+            await self._close_subs([index])
+            self._leaving.discard(index)
+            await self._call_balance(give_up=[index])
         log.info("member %s handed partition %d of %s over", self.name, index, self.label)
 
     async def _balance_loop(self) -> None:
@@ -431,7 +448,8 @@ class PartitionedConsumer(Generic[T]):
         while self._state == 1:
             await anyio.sleep(interval if not failures else min(0.05 * 2**failures, interval))
             try:
-                await self._balance()
+                async with self._balancing:
+                    await self._balance()
                 failures = 0
             except TRANSIENT as exc:
                 failures += 1

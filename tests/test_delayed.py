@@ -223,3 +223,13 @@ async def test_a_killed_consumer_does_not_stop_the_others_moving_due_messages(
     assert set(handled) == set(due_ms)
     assert [mid for mid, count in handled.items() if count != 1] == []
     assert [mid for mid, _, ms in timed if int(ms) < due_ms[mid] - 1] == [], "handled early"
+
+
+async def test_a_stream_message_that_came_due_before_any_consumer_reaches_the_new_group(mq: aioredmq.Client) -> None:
+    s = mq.stream("due-early")
+    await s.publish("waited", delay=0.05)
+    await anyio.sleep(0.2)  # due, and nobody is there to append it yet
+    seen: list[tuple[Any, float]] = []
+    async with s.consume("fresh") as consumer:  # the group is created with start="new"
+        await collect(consumer, 1, seen, timeout_s=5)
+    assert [body for body, _ in seen] == ["waited"]

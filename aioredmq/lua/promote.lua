@@ -15,6 +15,9 @@ for _, id in ipairs(due) do
   if redis.call('ZREM', KEYS[1], id) == 1 then
     local env = redis.call('HGET', KEYS[2], id)
     redis.call('HDEL', KEYS[2], id)
+    if not env and string.sub(id, 1, 5) == 'amq1 ' then
+      env = id  -- written by an earlier version: the member is the envelope itself
+    end
     if env then
       if ARGV[1] == 'stream' then
         redis.call('XADD', KEYS[3], '*', 'm', env)
