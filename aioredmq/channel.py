@@ -435,7 +435,5 @@ class DueWatcher(Subscriber):
                 callback(None)
 
     async def start(self) -> None:
+        """Subscribe; it stops when its client closes (as every subscriber does)."""
         await self._start()
-
-    async def aclose(self) -> None:
-        await self._stop()

@@ -491,13 +491,11 @@ class PartitionedConsumer(Generic[T]):
         return None
 
     async def __anext__(self) -> Message[T]:
+        if self._state == 0:
+            raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
         while True:
             if self._stopped or self._state == 2:
-                if self._state == 0:
-                    raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
                 raise StopAsyncIteration
-            if self._state == 0:
-                raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
             if self._error is not None:
                 raise self._error
             msg = self._pick()

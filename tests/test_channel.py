@@ -141,7 +141,9 @@ async def test_bad_arguments_and_closed_use(mq: aioredmq.Client) -> None:
     with pytest.raises(aioredmq.ClosedError, match="not open"):
         await sub.__anext__()
     async with sub:
-        pass
+        await mq.channel("a").publish("buffered")
+        await wait_for(lambda: sub.pending == 1, what="the message to be buffered")
+    assert sub.pending == 0, "closing discards what was buffered"
     with pytest.raises(StopAsyncIteration):
         await sub.__anext__()
     with pytest.raises(aioredmq.ClosedError, match="only once"):

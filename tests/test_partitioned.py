@@ -183,3 +183,22 @@ async def test_1000_keys_stay_in_order_when_one_of_four_consumers_is_sigkilled(
         assert effects == list(range(per_key)), f"{key}: effects {effects}"
     stats = await pq.stats()
     assert all(p.dead == 0 for p in stats.partitions)
+
+
+async def test_a_cancelled_handler_is_not_overtaken_by_later_messages_of_its_key(mq: aioredmq.Client) -> None:
+    pq = mq.partitioned("cancelled", partitions=2)
+    await pq.publish_many([("k", 1), ("k", 2), ("k", 3)])
+    async with pq.consume() as consumer:
+        first = await consumer.__anext__()
+        with anyio.CancelScope() as scope:
+            async with first.process():
+                scope.cancel()
+                await anyio.sleep(5)
+        order = []
+        for _ in range(3):
+            msg = await consumer.__anext__()
+            order.append((msg.body, msg.deliveries))
+            await msg.ack()
+    assert order == [(1, 2), (2, 1), (3, 1)]
+    stats = await pq.stats()
+    assert all((p.ready, p.in_flight) == (0, 0) for p in stats.partitions)
