@@ -116,6 +116,10 @@ class BaseConsumer(Generic[T]):
         self._ready: deque[Message[T]] = deque()
         self._has_ready = asyncio.Event()
         self._room = asyncio.Event()
+        # Settles waiting to be sent: plain acks in two parallel lists (the hot path: no
+        # tuple per ack), everything else as (ref, action, value, score).
+        self._ack_refs: list[bytes] = []
+        self._ack_tags: list[bytes] = []
         self._settles: list[tuple[bytes, bytes, bytes, int]] = []
         self._settle_wake = asyncio.Event()
         self._settled_all = asyncio.Event()
@@ -272,20 +276,19 @@ class BaseConsumer(Generic[T]):
         self._has_ready.set()
 
     async def __anext__(self) -> Message[T]:
-        if self._stopped or self._state == 2:
-            raise StopAsyncIteration
-        while not self._ready:
-            if self._stopped:
-                raise StopAsyncIteration
-            if self._state != 1:
+        ready = self._ready
+        while True:
+            if self._stopped or self._state != 1:
                 if self._state == 0:
                     raise ClosedError("the consumer is not open: use 'async with source.consume()'")
                 raise StopAsyncIteration
+            if ready:
+                break
             if self._error is not None:
                 raise self._error
             self._has_ready.clear()
             await self._has_ready.wait()
-        msg: Message[T] = self._ready.popleft()
+        msg = ready.popleft()
         msg._started = True
         self.stats.delivered += 1
         return msg
@@ -329,17 +332,20 @@ class BaseConsumer(Generic[T]):
     def _accept_one(self, ref: bytes, raw: bytes, deliveries: int | None) -> Message[T] | None:
         """Take ownership of one delivery; dead-letter it if it does not decode.
         ``deliveries`` defaults to what the envelope counts."""
-        self._held[ref] = None
         try:
             env, body = self._decode(raw)
         except (DecodeError, RecursionError) as exc:
-            self.stats.dead_lettered += 1
-            log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
-            self._enqueue(ref, b"X", encode_dead(raw, f"undecodable: {exc}", now_ms()), 0)
+            self._undecodable(ref, raw, exc)
             return None
         msg = Message(self, ref, raw, env, body, env.attempts + 1 if deliveries is None else deliveries)
         self._held[ref] = msg
         return msg
+
+    def _undecodable(self, ref: bytes, raw: bytes, exc: Exception) -> None:
+        self._held[ref] = None
+        self.stats.dead_lettered += 1
+        log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
+        self._enqueue(ref, b"X", encode_dead(raw, f"undecodable: {exc}", now_ms()), 0)
 
     def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
         self._ready.extend(msgs)
@@ -351,7 +357,11 @@ class BaseConsumer(Generic[T]):
     def _enqueue(self, ref: bytes, action: bytes, value: bytes, score: int) -> None:
         if self._state == 0:
             raise ClosedError("the consumer is not open")
-        self._settles.append((ref, action, value, score))
+        if action == b"A":
+            self._ack_refs.append(ref)
+            self._ack_tags.append(value)
+        else:
+            self._settles.append((ref, action, value, score))
         self._settled_all.clear()
         self._settle_wake.set()
 
@@ -359,8 +369,15 @@ class BaseConsumer(Generic[T]):
         """A handed-out message was acked, nacked, dead-lettered or given back."""
 
     def _settle_ack(self, msg: Message[T]) -> None:
+        # The hot path of every handled message: the settler is woken only by the first
+        # settle of a batch (the events stay as they are while settles are waiting).
         self.stats.acked += 1
-        self._enqueue(msg._ref, b"A", self._ack_tag(msg), 0)
+        refs = self._ack_refs
+        if not refs and not self._settles:
+            self._settled_all.clear()
+            self._settle_wake.set()
+        refs.append(msg._ref)
+        self._ack_tags.append(self._ack_tag(msg))
         self._after_settle(msg)
 
     def _settle_ack_marked(self, msg: Message[T], ttl_ms: int) -> None:
@@ -396,7 +413,7 @@ class BaseConsumer(Generic[T]):
             await self._settle_wake.wait()
             self._settle_wake.clear()
             failures = 0
-            while self._settles:
+            while self._ack_refs or self._settles:
                 try:
                     await self._flush_settles()
                     failures = 0
@@ -415,25 +432,26 @@ class BaseConsumer(Generic[T]):
             self._settled_all.set()
 
     async def _flush_settles(self) -> None:
+        tags = self._ack_tags[:_MAX_SETTLE_BATCH]
+        n_acks = len(tags)
         size = count = 0
-        for ref, action, value, _ in self._settles[:_MAX_SETTLE_BATCH]:
-            count += 1
-            size += len(value) if action == b"A" else len(ref) + len(value)
-            if size > _MAX_SETTLE_BYTES:  # big envelopes: keep one call well inside Redis' limits
+        for ref, _, value, _ in self._settles[:_MAX_SETTLE_BATCH]:
+            size += len(ref) + len(value)
+            if count and size > _MAX_SETTLE_BYTES:  # big envelopes: keep one call well inside Redis' limits
                 break
-        batch = self._settles[:count]
-        acks = [item for item in batch if item[1] == b"A"]
-        others = [item for item in batch if item[1] != b"A"]
-        args: list[Any] = [*self._settle_head, len(acks)]
-        args += [tag for _, _, tag, _ in acks]
+            count += 1
+        others = self._settles[:count]
+        args: list[Any] = [*self._settle_head, n_acks, *tags]
         for item in others:
             args += item
         with anyio.CancelScope(shield=True):
             late = await self._settle_script(self.client.redis, self._settle_keys, args)
-        del self._settles[: len(batch)]
-        ordered = acks + others
+        refs = self._ack_refs[:n_acks]
+        del self._ack_refs[:n_acks]
+        del self._ack_tags[:n_acks]
+        del self._settles[:count]
         for position in late:
-            ref = ordered[position - 1][0]
+            ref = refs[position - 1] if position <= n_acks else others[position - 1 - n_acks][0]
             self.stats.late_settles += 1
             msg = self._held.get(ref)
             log.warning(
@@ -441,11 +459,15 @@ class BaseConsumer(Generic[T]):
                 self.name,
                 msg.id if msg is not None else "?",
             )
+        pop = self._held.pop
+        for ref in refs:
+            pop(ref, None)
+        for ref, *_ in others:
+            pop(ref, None)
         listing = self._settled_while_listing
-        for ref, *_ in batch:
-            self._held.pop(ref, None)
-            if listing is not None:
-                listing.add(ref)
+        if listing is not None:
+            listing.update(refs)
+            listing.update(ref for ref, *_ in others)
         self._room.set()
 
     async def _listing(self, coro: Any) -> tuple[Any, set[bytes]]:

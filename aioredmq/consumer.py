@@ -130,7 +130,17 @@ class Consumer(BaseConsumer[T]):
 
     def _accept(self, items: list[bytes]) -> None:
         """Take ownership of envelopes now in our in-flight list (oldest first)."""
-        msgs = [msg for raw in items if (msg := self._accept_one(raw, raw, None)) is not None]
+        # _accept_one, unrolled: this runs for every message fetched.
+        held, decode_one, msgs = self._held, self._decode, []
+        for raw in items:
+            try:
+                env, body = decode_one(raw)
+            except (DecodeError, RecursionError) as exc:
+                self._undecodable(raw, raw, exc)
+                continue
+            msg = Message(self, raw, raw, env, body, env.attempts + 1)
+            held[raw] = msg
+            msgs.append(msg)
         self._deliver(msgs, len(items))
 
     async def _adopt_orphans(self) -> None:

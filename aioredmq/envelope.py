@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple, NoReturn
 
 from .errors import DecodeError
 
@@ -34,18 +36,23 @@ __all__ = (
 )
 
 MAGIC = b"amq1"
-_HEADER = re.compile(rb"amq1 ([0-9a-f]{1,64}) ([0-9]{1,9}) ([0-9]{1,15}) ([A-Za-z]{1,32}) ([0-9]{1,9})")
+# Anchored and bounded: a match never reads past the header line. Never more than the
+# Lua scripts parse ('^amq1 (%x+) (%d+) '): they must agree.
+_HEADER = re.compile(rb"amq1 ([0-9a-f]{1,64}) ([0-9]{1,9}) ([0-9]{1,15}) ([A-Za-z]{1,32}) ([0-9]{1,9})\n")
 DEAD_MAGIC = b"amqdead1"
 _MAX_HEADER_LINE = 128
+NO_HEADERS: MappingProxyType[str, str] = MappingProxyType({})
+"""The headers of a message that has none: shared, so read-only."""
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
+    """A decoded envelope (a tuple: made once per delivered message, so it must be cheap)."""
+
     id: str
     attempts: int
     published_ms: int
     codec: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     body: bytes
 
 
@@ -79,33 +86,37 @@ def encode_many(
     return [head + mid.encode() + tail + body for mid, body in zip(message_ids, bodies, strict=True)]
 
 
+_new = tuple.__new__
+
+
 def decode(raw: bytes) -> Envelope:
     """Parse an envelope; raise :class:`DecodeError` saying what is wrong."""
+    header = _HEADER.match(raw)
+    if header is None:
+        _malformed(raw)
+    mid, attempts, published, codec, hlen = header.groups()
+    start = header.end()
+    if hlen == b"0":
+        fields = (mid.decode(), int(attempts), int(published), codec.decode(), NO_HEADERS, raw[start:])
+        return _new(Envelope, fields)  # what Envelope(...) does, at half the cost
+    n_header = int(hlen)
+    if start + n_header > len(raw):
+        raise DecodeError("envelope is truncated inside its headers")
+    try:
+        parsed: Any = json.loads(raw[start : start + n_header])
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DecodeError(f"envelope headers are not JSON: {exc}") from exc
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+        raise DecodeError("envelope headers must be a JSON object of strings")
+    return Envelope(mid.decode(), int(attempts), int(published), codec.decode(), parsed, raw[start + n_header :])
+
+
+def _malformed(raw: bytes) -> NoReturn:
+    """Say why ``raw`` is not an envelope."""
     nl = raw.find(b"\n", 0, _MAX_HEADER_LINE)
     if nl < 0 or not raw.startswith(MAGIC + b" "):
         raise DecodeError("not an aioredmq envelope (foreign writer or corrupt bytes)")
-    header = _HEADER.fullmatch(raw, 0, nl)
-    if header is None:
-        # Never more than the Lua scripts parse ('^amq1 (%x+) (%d+) '): they must agree.
-        raise DecodeError(f"envelope header is malformed: {raw[:nl][:80]!r}")
-    mid, attempts, published, codec, hlen = header.groups()
-    message_id, n_attempts, published_ms = mid.decode(), int(attempts), int(published)
-    codec_name, n_header = codec.decode(), int(hlen)
-    start = nl + 1
-    if start + n_header > len(raw):
-        raise DecodeError("envelope is truncated inside its headers")
-    headers: dict[str, str] = {}
-    if n_header:
-        try:
-            parsed: Any = json.loads(raw[start : start + n_header])
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise DecodeError(f"envelope headers are not JSON: {exc}") from exc
-        if not isinstance(parsed, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
-        ):
-            raise DecodeError("envelope headers must be a JSON object of strings")
-        headers = parsed
-    return Envelope(message_id, n_attempts, published_ms, codec_name, headers, raw[start + n_header :])
+    raise DecodeError(f"envelope header is malformed: {raw[:nl][:80]!r}")
 
 
 def with_attempts(raw: bytes, attempts: int) -> bytes:

@@ -12,16 +12,19 @@ import itertools
 import os
 import time
 
-__all__ = ("id_time", "new_id", "new_ids")
+__all__ = ("id_time", "new_id", "new_ids", "stamped_id")
 
 _node = ""
 _counter: itertools.count[int] = itertools.count()
+_prefix_ms = -1
+_prefix = ""
 
 
 def _reseed() -> None:
-    global _node, _counter
+    global _node, _counter, _prefix_ms
     _node = os.urandom(6).hex()
     _counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+    _prefix_ms = -1
 
 
 _reseed()
@@ -31,6 +34,16 @@ os.register_at_fork(after_in_child=_reseed)
 def new_id() -> str:
     """Return a new message id."""
     return f"{time.time_ns() // 1_000_000:012x}{_node}{next(_counter) & 0xFFFFFFFF:08x}"
+
+
+def stamped_id() -> tuple[str, int]:
+    """A new message id and the Unix time in milliseconds it carries (one clock read).
+    The hot path of a single publish: the id's first 24 digits change once per ms."""
+    global _prefix_ms, _prefix
+    ms = time.time_ns() // 1_000_000
+    if ms != _prefix_ms:
+        _prefix_ms, _prefix = ms, f"{ms:012x}{_node}"
+    return f"{_prefix}{next(_counter) & 0xFFFFFFFF:08x}", ms
 
 
 def new_ids(n: int) -> list[str]:

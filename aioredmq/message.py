@@ -73,7 +73,9 @@ class Message(Generic[T]):
         Acks are batched: this returns once the ack is queued for the next flush, which
         starts at once when idle. Closing the consumer flushes every pending ack.
         """
-        self._claim("ack")
+        if self._settled:
+            self._claim("ack")  # raises
+        self._settled = True
         self._consumer._settle_ack(self)
 
     async def nack(self, *, delay_s: float | None = None, reason: str = "nacked") -> None:
@@ -118,26 +120,31 @@ class _Processing(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        msg = self._msg
-        if exc is None:
-            if not msg._settled:
-                msg._claim("ack")
-                msg._consumer._settle_ack(msg)
-            return False
-        if isinstance(exc, Exception):
-            log.warning(
-                "handler failed for message %s (delivery %d): %r",
-                msg.id,
-                msg.deliveries,
-                exc,
-                exc_info=exc,
-                extra={"message_id": msg.id, "deliveries": msg.deliveries},
-            )
-            if not msg._settled:
-                msg._claim("nack")
-                msg._consumer._settle_nack(msg, None, f"{type(exc).__name__}: {exc}")
-            return True  # handled: the message's fate records it
-        if not msg._settled:  # cancellation or another BaseException: give it back
-            msg._claim("give back")
-            msg._consumer._settle_release(msg)
+        return settle_outcome(self._msg, exc)
+
+
+def settle_outcome(msg: Message[T], exc: BaseException | None) -> bool:
+    """Settle ``msg`` by how its handling ended (see :meth:`Message.process`); return
+    whether ``exc`` is dealt with (True) or must propagate (cancellation)."""
+    if exc is None:
+        if not msg._settled:
+            msg._settled = True
+            msg._consumer._settle_ack(msg)
         return False
+    if isinstance(exc, Exception):
+        log.warning(
+            "handler failed for message %s (delivery %d): %r",
+            msg.id,
+            msg.deliveries,
+            exc,
+            exc_info=exc,
+            extra={"message_id": msg.id, "deliveries": msg.deliveries},
+        )
+        if not msg._settled:
+            msg._claim("nack")
+            msg._consumer._settle_nack(msg, None, f"{type(exc).__name__}: {exc}")
+        return True  # handled: the message's fate records it
+    if not msg._settled:  # cancellation or another BaseException: give it back
+        msg._claim("give back")
+        msg._consumer._settle_release(msg)
+    return False

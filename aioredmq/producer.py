@@ -29,9 +29,9 @@ from .codecs import Codec, get_codec
 from .commands import pipeline
 from .config import RetryPolicy, check_positive
 from .delayed import due_spec
-from .envelope import encode_many
+from .envelope import encode, encode_many
 from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, MessageTooLargeError, PublishUnconfirmedError
-from .ids import new_ids
+from .ids import new_ids, stamped_id
 from .keys import _Keys, check_name
 from .scripts import script
 
@@ -86,29 +86,40 @@ class Producer:
         self._idle.set()
         self._started = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(self, envelopes: list[bytes]) -> None:
         """Append envelopes (at most ``max_batch``) and wait until Redis has them."""
-        await (await self.submit(envelopes))
+        fut = self._offer(envelopes)
+        await (fut if fut is not None else await self.submit(envelopes))
 
     async def submit(self, envelopes: list[bytes]) -> asyncio.Future[None]:
         """Append envelopes (at most ``max_batch``) once there is room; the future resolves
         when Redis has them. Waiting only for room lets a caller keep several in flight."""
-        if self._closed:
-            raise ClosedError("the producer is closed; publish before closing the client")
-        while self._buffered and self._buffered + len(envelopes) > self.max_buffered:
+        while (fut := self._offer(envelopes)) is None:
             self._space.clear()
             await self._space.wait()
-            if self._closed:
-                raise ClosedError("the producer closed while waiting for buffer space")
-        if not self._started:
+        return fut
+
+    def _offer(self, envelopes: list[bytes]) -> asyncio.Future[None] | None:
+        """Buffer envelopes if there is room (``None`` if not); the future resolves when
+        Redis has them."""
+        if self._closed:
+            raise ClosedError("the producer is closed; publish before closing the client")
+        buffered = self._buffered
+        if buffered and buffered + len(envelopes) > self.max_buffered:
+            return None
+        loop = self._loop
+        if loop is None:
+            self._loop = loop = asyncio.get_running_loop()
             self._started = True
             self._client.start_background(self._flush_loop(), name=f"aioredmq-producer-{self._name}")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = loop.create_future()
         self._buf.append((envelopes, fut))
-        self._buffered += len(envelopes)
-        self._idle.clear()
-        self._wake.set()
+        self._buffered = buffered + len(envelopes)
+        if not buffered:  # the first in the buffer wakes the flusher; the rest find it awake
+            self._idle.clear()
+            self._wake.set()
         return fut
 
     def _next_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
@@ -194,19 +205,28 @@ def check_encoded(
     codec: Codec, max_body_bytes: int, where: str, bodies: Iterable[Any], headers: Mapping[str, str] | None
 ) -> tuple[list[str], list[bytes]]:
     """Ids and envelopes for a batch; checks every one before anything is sent."""
-    if headers is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-        raise TypeError("headers must map str to str")
+    if headers is not None:
+        check_headers(headers)
     encode = codec.encode
     encoded = [encode(body) for body in bodies]
     ids = new_ids(len(encoded))
     raws = encode_many(ids, time.time_ns() // 1_000_000, codec.name, dict(headers) if headers else None, encoded)
     if raws and (largest := max(map(len, raws))) > max_body_bytes:
-        raise MessageTooLargeError(
-            f"a message to {where} is {largest} bytes encoded, over max_body_bytes="
-            f"{max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
-            "send a reference, or raise max_body_bytes"
-        )
+        raise _too_large(where, largest, max_body_bytes)
     return ids, raws
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise TypeError("headers must map str to str")
+
+
+def _too_large(where: str, size: int, max_body_bytes: int) -> MessageTooLargeError:
+    return MessageTooLargeError(
+        f"a message to {where} is {size} bytes encoded, over max_body_bytes="
+        f"{max_body_bytes}; nothing was sent. Store large payloads elsewhere and "
+        "send a reference, or raise max_body_bytes"
+    )
 
 
 class Publishing(Generic[T]):
@@ -284,12 +304,20 @@ class Publishing(Generic[T]):
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
+        if delay is None and at is None:  # the hot path: no list, one clock read
+            if headers is not None:
+                check_headers(headers)
+            codec = self.codec
+            message_id, ms = stamped_id()
+            raw = encode(message_id, 0, ms, codec.name, dict(headers) if headers else None, codec.encode(body))
+            if len(raw) > self.max_body_bytes:
+                raise _too_large(repr(self.name), len(raw), self.max_body_bytes)
+            await self.producer.send([raw])
+            return message_id
         when = due_spec(delay, at)
+        assert when is not None  # delay or at was given
         (message_id,), raws = self._encode((body,), headers)
-        if when is None:
-            await self.producer.send(raws)
-        else:
-            await self.scheduler.send([when, raws[0]])
+        await self.scheduler.send([when, raws[0]])
         return message_id
 
     async def publish_many(

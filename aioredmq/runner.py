@@ -19,7 +19,7 @@ from .base_consumer import BaseConsumer
 from .config import check_positive
 from .errors import ConfigError
 from .idempotency import Idempotency
-from .message import Message
+from .message import Message, settle_outcome
 from .partitioned import PartitionedConsumer, PartitionedQueue
 from .stream import Stream
 
@@ -113,8 +113,17 @@ async def _workers(
     async def worker() -> None:
         async for msg in consumer:
             if idempotency is None:
-                async with msg.process():
-                    await call(msg)
+                # What `async with msg.process()` does, without its two awaits per message.
+                try:
+                    if handler_timeout_s is None:
+                        await handler(msg)
+                    else:
+                        await call(msg)
+                except BaseException as exc:
+                    if not settle_outcome(msg, exc):
+                        raise
+                else:
+                    settle_outcome(msg, None)
             else:
                 async with idempotency.process(msg) as fresh:
                     if fresh:

@@ -134,3 +134,35 @@ async def test_publish_and_take_handle_batches_past_the_lua_stack_limit(raw: aio
     taken = await script("take")(raw, (K.ready, K.inflight("c"), K.leases), (n + 5, "c", 1000))
     assert taken == envs, "oldest first"
     assert await raw.lrange(K.inflight("c"), -1, -1) == [envs[0]], "oldest at the right"
+
+
+async def settle(raw: aioredis.Redis, consumer: str, acks: list[bytes], *others: bytes | int) -> list[int]:
+    keys = (K.inflight(consumer), K.ready, K.delayed, K.dead, K.scheduled, K.done)
+    late: list[int] = await script("settle")(raw, keys, (len(acks), *acks, *others))
+    return late
+
+
+def tag(env: bytes) -> bytes:
+    return b" ".join(env.split(b" ")[1:3])
+
+
+async def test_settle_trims_in_order_acks_and_finds_the_rest_anywhere(raw: aioredis.Redis) -> None:
+    envs = [envelope(i % 2) for i in range(6)]
+    await raw.lpush(K.inflight("c"), *envs)  # oldest (envs[0]) at the right
+    # In order from the oldest end, then one out of order, one unknown, one acked twice.
+    stranger = envelope()
+    acks = [tag(envs[0]), tag(envs[1]), tag(envs[4]), tag(stranger), tag(envs[1])]
+    # A front-return of envs[2] rides along; its position follows the acks.
+    late = await settle(raw, "c", acks, envs[2], b"F", envs[2], 0)
+    assert late == [4, 5], "the unknown ack and the repeated one are late"
+    assert await lrange_bytes(raw, K.inflight("c")) == [envs[5], envs[3]]
+    assert await lrange_bytes(raw, K.ready) == [envs[2]]
+    # Everything acked in order in one call leaves an empty list (the key is gone).
+    assert await settle(raw, "c", [tag(envs[3]), tag(envs[5])]) == []
+    assert not await raw.exists(K.inflight("c"))
+    # A tag must name the attempt too: an ack of an older delivery of the same message is late.
+    retried = envelope(1)
+    await raw.lpush(K.inflight("c"), retried)
+    older = decode(retried).id.encode() + b" 0"
+    assert await settle(raw, "c", [older]) == [1]
+    assert await raw.llen(K.inflight("c")) == 1

@@ -9,7 +9,8 @@
 -- KEYS[6] processed-id markers (sorted set: message id -> expiry in ms)
 -- ARGV[1] k, the number of plain acks
 -- ARGV[2 .. k+1] acks, each the tag '<id> <attempts>' naming one delivery exactly; acks
---   arrive mostly oldest first, so most are found at the right end and popped
+--   arrive mostly oldest first, so most match the oldest end of the list in order, and
+--   one LTRIM removes them all
 -- ARGV[k+2 ..], four per other settle: held envelope, action, new value, score
 --   action 'F' to the front of ready (next in line); new value is the envelope to push
 --   action 'B' to the back of ready
@@ -21,17 +22,22 @@
 local inflight = KEYS[1]
 local k = tonumber(ARGV[1])
 local late = {}
-local missed = {}
-for i = 2, k + 1 do
-  local prefix = 'amq1 ' .. ARGV[i] .. ' '
-  local tail = redis.call('LINDEX', inflight, -1)
-  if tail and string.sub(tail, 1, #prefix) == prefix then
-    redis.call('RPOP', inflight)
-  else
-    missed[#missed + 1] = i
+local matched = 0
+if k > 0 then
+  local oldest = redis.call('LRANGE', inflight, -k, -1)
+  local n = #oldest
+  while matched < k and matched < n do
+    local prefix = 'amq1 ' .. ARGV[matched + 2] .. ' '
+    if string.sub(oldest[n - matched], 1, #prefix) ~= prefix then
+      break
+    end
+    matched = matched + 1
+  end
+  if matched > 0 then
+    redis.call('LTRIM', inflight, 0, -matched - 1)
   end
 end
-if #missed > 0 then
+if matched < k then
   -- Out of order: one look at the whole list (at most prefetch entries) finds the rest.
   local by_tag = {}
   for _, raw in ipairs(redis.call('LRANGE', inflight, 0, -1)) do
@@ -40,7 +46,7 @@ if #missed > 0 then
       by_tag[tag] = raw
     end
   end
-  for _, i in ipairs(missed) do
+  for i = matched + 2, k + 1 do
     local raw = by_tag[ARGV[i]]
     if not raw or redis.call('LREM', inflight, -1, raw) == 0 then
       late[#late + 1] = i - 1
