@@ -35,7 +35,7 @@ from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
 from .keys import check_name
 from .message import Message
 from .scripts import script
-from .tasks import Tasks, cancel_and_wait
+from .tasks import Gate, Tasks, cancel_and_wait
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -114,7 +114,7 @@ class BaseConsumer(Generic[T]):
         # ref (what names the delivery in Redis) -> its message (None while undecoded)
         self._held: dict[bytes, Message[T] | None] = {}
         self._ready: deque[Message[T]] = deque()
-        self._has_ready = asyncio.Event()
+        self._has_ready = Gate()  # iterators waiting for a message
         self._room = asyncio.Event()
         # Settles waiting to be sent: plain acks in two parallel lists (the hot path: no
         # tuple per ack), everything else as (ref, action, value, score).
@@ -202,7 +202,7 @@ class BaseConsumer(Generic[T]):
 
     def _crashed(self, exc: BaseException) -> None:
         self._error = exc
-        self._has_ready.set()
+        self._has_ready.open_all()
 
     async def __aexit__(
         self,
@@ -230,7 +230,7 @@ class BaseConsumer(Generic[T]):
                     await self._return_strays()
             except AioredmqError as exc:
                 log.warning("consumer %s: could not look for strays on close: %s", self.name, exc)
-            self._has_ready.set()  # wake iterators: they stop
+            self._has_ready.open_all()  # wake iterators: they stop
             unstarted = list(self._ready)
             self._ready.clear()
             for msg in unstarted:
@@ -273,7 +273,7 @@ class BaseConsumer(Generic[T]):
     def stop_delivery(self) -> None:
         """Hand out no more messages: iterators end; what is buffered returns on close."""
         self._stopped = True
-        self._has_ready.set()
+        self._has_ready.open_all()
 
     async def __anext__(self) -> Message[T]:
         ready = self._ready
@@ -286,7 +286,6 @@ class BaseConsumer(Generic[T]):
                 break
             if self._error is not None:
                 raise self._error
-            self._has_ready.clear()
             await self._has_ready.wait()
         msg = ready.popleft()
         msg._started = True
@@ -313,7 +312,7 @@ class BaseConsumer(Generic[T]):
         """Not transient (wrong key type, missing permission, ...): the iterator raises it."""
         log.error("consumer %s: %s stopped: %s", self.name, what, exc)
         self._error = exc
-        self._has_ready.set()
+        self._has_ready.open_all()
 
     # -- decoding --------------------------------------------------------------------
 
@@ -350,7 +349,7 @@ class BaseConsumer(Generic[T]):
     def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
         self._ready.extend(msgs)
         self.stats.fetched += fetched
-        self._has_ready.set()
+        self._has_ready.open(len(msgs))
 
     # -- settling --------------------------------------------------------------------
 

@@ -9,15 +9,52 @@ logs a crash; ``aclose`` cancels every task and waits until all have ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
 
-__all__ = ("Tasks", "cancel_and_wait")
+__all__ = ("Gate", "Tasks", "cancel_and_wait")
 
 log = logging.getLogger("aioredmq")
+
+
+class Gate:
+    """Where tasks wait for work. ``open(n)`` lets ``n`` waiters through, one per item
+    that arrived; ``open_all()`` lets every one through. Unlike an Event, one message
+    wakes one of a runner's idle workers, not all of them."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.open(1)  # let through, then cancelled: the item is someone else's
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def open(self, n: int) -> None:
+        waiters = self._waiters
+        while n > 0 and waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
+
+    def open_all(self) -> None:
+        self.open(len(self._waiters))
 
 
 class Tasks:
