@@ -41,6 +41,8 @@ import redis
 import aioredmq
 from aioredmq.testing import RedisServer
 
+from .common import CaseResult, environment
+
 IDLE_S = 0.5
 """How long the consumers wait, idle, before the first publish."""
 LEAD_S = 0.5
@@ -206,6 +208,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             results[loop] = run_loop(loop, url, args, factory)
         elapsed = time.perf_counter() - t
         server = redis.Redis.from_url(url).info("server")["redis_version"]
+        env = environment(url, "+".join(loops))
     spread_s = (args.messages - 1) * args.spacing_ms / 1000
     print(
         f"\n{args.messages} delayed messages per round, due {LEAD_S} s to {LEAD_S + spread_s:.2f} s after publishing, "
@@ -231,7 +234,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"(judged on the worst round of each case).")  # fmt: skip
     print(f"  p99 under {TARGET_MS:g} ms in every case: {'yes' if p99_ok else 'NO'}")
     print(f"  max under {TARGET_MS:g} ms in every case: {'yes' if max_ok else 'NO'}")
+    flat: list[CaseResult] = [
+        {**figs[case][fig], "name": f"aioredmq: {case}, {loop}: lateness {fig}", "group": "delayed", "unit": "ms",
+         "baseline": None}
+        for case in CASES
+        for loop, figs in results.items()
+        for fig in FIGURES
+    ]  # fmt: skip
     return {
+        "benchmark": "delayed",
+        "env": env,
+        "params": {k: v for k, v in vars(args).items() if k not in ("json", "redis_url")},
+        "cases": flat,
         "messages": args.messages,
         "spacing_ms": args.spacing_ms,
         "idle_s": IDLE_S,

@@ -1,27 +1,35 @@
 """Publish and end-to-end rates of streams (one consumer group), beside raw redis-py in the same run.
 
-    python -m benchmarks.bench_stream [--messages N] [--rounds R] [--body-bytes B] [--uvloop] [--json FILE]
+    python -m benchmarks.bench_stream [--messages N] [--rounds R] [--body-bytes B]
+                                      [--loop asyncio|uvloop] [--redis-url URL] [--json FILE]
 
-The raw baseline is a reliable group consumer written here: XREADGROUP COUNT 256, then
-one XACK for the batch. Every end-to-end round checks that each message was delivered
-and that nothing is left pending.
+Publish cases: ``publish_many`` and 100 concurrent ``publish()`` against a raw pipeline
+of 1000 XADD and 100 concurrent XADD. End-to-end cases consume a pre-filled stream: the
+runner over a prefetch/concurrency sweep and ``async for`` + ack, against a raw reliable
+group consumer written here (XREADGROUP COUNT 256, json.loads each, one XACK per batch).
+Every round checks that each message was delivered and nothing is left pending.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
-import aioredmq
+from .common import (
+    Bench,
+    aioredmq_e2e_cases,
+    concurrent_publish_case,
+    main,
+    make_bench,
+    publish_many_case,
+    raw_concurrent_case,
+)
 
-from .bench_queue import Case, cli, run_cases, runner_rate
 
-
-def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
+def publish_cases(bench: Bench, url: str, n: int, body: dict[str, Any]) -> None:
     encoded = json.dumps(body).encode()
 
     async def raw_xadd_pipeline() -> float:
@@ -33,7 +41,21 @@ def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
                     for _ in range(min(1000, n - i)):
                         pipe.xadd("s", {"m": encoded})
                     await pipe.execute()
-            return n / (time.perf_counter() - t)
+            rate = n / (time.perf_counter() - t)
+            assert await r.xlen("s") == n
+            return rate
+
+    pipe, conc = "raw: pipeline of 1000 XADD", "raw: 100 concurrent single XADD"
+    bench.case(pipe, "publish", raw_xadd_pipeline)
+    xadd = raw_concurrent_case(url, n, lambda r: r.xadd("s", {"m": json.dumps(body).encode()}), lambda r: r.xlen("s"))
+    bench.case(conc, "publish", xadd)
+    bench.case("aioredmq: stream publish_many", "publish", publish_many_case(url, "stream", n, body), baseline=pipe)
+    concurrent = concurrent_publish_case(url, "stream", n, body)
+    bench.case("aioredmq: stream, 100 concurrent publish()", "publish", concurrent, baseline=conc)
+
+
+def e2e_cases(bench: Bench, url: str, n: int, body: dict[str, Any]) -> None:
+    encoded = json.dumps(body).encode()
 
     async def raw_group_e2e() -> float:
         async with aioredis.Redis.from_url(url) as r:
@@ -61,61 +83,12 @@ def bench_cases(url: str, n: int, body: dict[str, Any]) -> dict[str, Case]:
             assert (await r.xpending("s", "g"))["pending"] == 0
             return rate
 
-    async def mq_publish_many() -> float:
-        async with aioredmq.connect(url) as mq:
-            await mq.redis.flushall()
-            s = mq.stream("bench")
-            t = time.perf_counter()
-            await s.publish_many(body for _ in range(n))
-            return n / (time.perf_counter() - t)
-
-    async def mq_runner_e2e(concurrency: int = 64, prefetch: int = 256) -> float:
-        async with aioredmq.connect(url) as mq:
-            await mq.redis.flushall()
-            s = mq.stream("bench")
-            await s.create_group("g", "begin")
-            await s.publish_many(body for _ in range(n))
-            rate = await runner_rate(mq, s, n, group="g", concurrency=concurrency, prefetch=prefetch)
-            assert (await s.stats()).groups["g"].pending == 0
-            return rate
-
-    async def mq_async_for_e2e() -> float:
-        async with aioredmq.connect(url) as mq:
-            await mq.redis.flushall()
-            s = mq.stream("bench")
-            await s.create_group("g", "begin")
-            await s.publish_many(body for _ in range(n))
-            count = 0
-            t = time.perf_counter()
-            async with s.consume("g", prefetch=256) as consumer:
-                async for msg in consumer:
-                    await msg.ack()
-                    count += 1
-                    if count == n:
-                        break
-            rate = n / (time.perf_counter() - t)
-            assert (await s.stats()).groups["g"].pending == 0
-            return rate
-
-    return {
-        "raw: pipeline of 1000 XADD": raw_xadd_pipeline,
-        "aioredmq: stream publish_many": mq_publish_many,
-        "raw: group consume (XREADGROUP 256, XACK batch)": raw_group_e2e,
-        "aioredmq: stream runner, concurrency 64, prefetch 256": mq_runner_e2e,
-        "aioredmq: stream async for + ack, prefetch 256": mq_async_for_e2e,
-    }
+    raw = "raw: group consume (XREADGROUP 256, XACK batch)"
+    bench.case(raw, "e2e", raw_group_e2e)
+    aioredmq_e2e_cases(bench, url, "stream", n, body, raw)
 
 
-RATIOS = {
-    "aioredmq: stream publish_many": "raw: pipeline of 1000 XADD",
-    "aioredmq: stream runner, concurrency 64, prefetch 256": "raw: group consume (XREADGROUP 256, XACK batch)",
-    "aioredmq: stream async for + ack, prefetch 256": "raw: group consume (XREADGROUP 256, XACK batch)",
-}
-
-
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    return await run_cases(args, bench_cases, RATIOS)
-
+make = make_bench("stream", publish_cases, e2e_cases)
 
 if __name__ == "__main__":
-    cli(__doc__, main)
+    main("stream", __doc__, make)
