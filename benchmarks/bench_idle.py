@@ -78,7 +78,11 @@ async def _consumer(mq: aioredmq.Client, kind: str, i: int) -> AsyncIterator[Non
 
 async def make(args: argparse.Namespace, url: str) -> list[CaseResult]:
     bench = Bench("idle", args)
-    for kind, label in (("queue", "list queue"), ("stream", "stream group"), ("partitioned", "partitioned, 4")):
+    for kind, label in (
+        ("queue", "list queue"),
+        ("stream", "stream group"),
+        ("partitioned", "partitioned queue (4 partitions)"),
+    ):
         name = f"aioredmq: idle {label} consumer"
         bench.case(name, "idle", idle_case(url, kind, args.consumers, args.seconds), unit="commands/s")
     return await bench.run()

@@ -71,8 +71,9 @@ Left out: FastStream's list subscriber with ``max_workers`` (it still pops one m
 per BLPOP; tried with 64, it was no faster); FastStream's batch subscribers with
 ``max_workers`` (they ignore it); FastStream's stream subscriber without a group (XREAD,
 nothing acked, and a restart starts at ``$``); a FastStream batch publish for streams
-(``publish_batch`` is for lists only). taskiq has no batch kick, and its
-``PubSubBroker`` broadcasts rather than queues. saq has no stream mode. Peers log nothing
+(``publish_batch`` is for lists only). arq is not here: it requires ``redis<6``, and this
+project runs on redis-py 8. taskiq has no batch kick, and its ``PubSubBroker``
+broadcasts rather than queues. saq has no stream mode. Peers log nothing
 per message here: FastStream runs with ``logger=None``; taskiq and saq log at INFO,
 which the default WARNING level drops (saq's warning on stop, that its upkeep tasks
 outlived a zero grace period, is silenced).

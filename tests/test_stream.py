@@ -460,3 +460,20 @@ async def test_stream_settings_conflict_and_validation(mq: aioredmq.Client) -> N
 
 async def _noop(msg: aioredmq.Message[Any]) -> None:
     pass
+
+
+async def test_a_consumer_reads_replies_as_resp3_sends_them(redis_url: str) -> None:
+    """The read connection takes XREADGROUP replies as the server sends them: a map under RESP3."""
+    async with aioredmq.connect(f"{redis_url}?protocol=3") as mq:
+        stream = mq.stream("resp3")
+        await stream.create_group("g", "begin")
+        await stream.publish_many([{"n": i} for i in range(5)])
+        got: list[int] = []
+        async with stream.consume("g", block_s=0.2) as consumer:
+            async for msg in consumer:
+                got.append(msg.body["n"])
+                await msg.ack()
+                if len(got) == 5:
+                    break
+        assert got == [0, 1, 2, 3, 4]
+        assert (await stream.stats()).groups["g"].pending == 0
