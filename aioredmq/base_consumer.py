@@ -102,6 +102,7 @@ class BaseConsumer(Generic[T]):
         self.label = label
         self.codec: Codec = source.codec
         self.retry: RetryPolicy = source.retry
+        self.max_body_bytes = source.max_body_bytes
         lease_s = source.lease_s
         self.name = check_name("name", name) if name is not None else default_consumer_name()
         self.prefetch = prefetch
@@ -317,6 +318,9 @@ class BaseConsumer(Generic[T]):
     # -- decoding --------------------------------------------------------------------
 
     def _decode(self, raw: bytes) -> tuple[Envelope, T]:
+        if len(raw) > self.max_body_bytes:
+            # Our producers refuse these; a writer that does not check sizes put it there.
+            raise DecodeError(f"message is {len(raw)} bytes, over max_body_bytes={self.max_body_bytes}")
         env = decode(raw)
         codec = self.codec
         if env.codec != codec.name:

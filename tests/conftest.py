@@ -55,3 +55,19 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault scenarios' figures, as the README's "Guarantees, tested" table."""
+    from .ledger import REPORTS
+
+    if not REPORTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("Guarantees, tested (fault scenarios; lost must be 0, duplicates only where a fault explains them):")
+    write("| scenario | confirmed messages | lost | duplicated | dead-lettered | recovery | faults injected |")
+    write("|---|---:|---:|---:|---:|---:|---|")
+    for r in REPORTS:
+        recovery = f"{r.recovery_s:.2f} s" if r.recovery_s is not None else ""
+        write(f"| {r.scenario} | {r.messages} | {r.lost} | {r.duplicated} | {r.dead} | {recovery} | {r.faults} |")

@@ -8,12 +8,14 @@ the URL in ``AIOREDMQ_TEST_URL``, as ``"<message id> <deliveries>"``:
 * ``slow_handler`` pushes to ``STARTED`` when it starts and to ``DONE`` when it ends;
 * ``timed_handler`` pushes to ``TIMED`` with the time it ran (Unix ms);
 * ``idempotent_handler`` applies an effect with its processed-id marker, then stalls;
-* ``ordered_handler`` records each handling of a partitioned queue's message, and its effect once.
+* ``ordered_handler`` records each handling of a partitioned queue's message, and its effect once;
+* ``ledger_handler`` works for a random 0-20 ms, then records its completion in ``DONE``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Any
 
@@ -84,3 +86,10 @@ async def ordered_handler(msg: aioredmq.Message[Any]) -> None:
     key = msg.headers[KEY_HEADER]
     await _client().rpush(ORDER, f"{key} {msg.body} {msg.deliveries}")
     await ONCE.apply(msg, ("RPUSH", f"test:effects:{key}", msg.body))
+
+
+async def ledger_handler(msg: aioredmq.Message[Any]) -> None:
+    """A completion for the fault ledger: ``"<body n> <deliveries>"`` in ``DONE``, pushed
+    when the work is done and before the ack, so a kill in between shows as a duplicate."""
+    await anyio.sleep(random.random() * 0.02)
+    await _client().rpush(DONE, f"{msg.body['n']} {msg.deliveries}")
