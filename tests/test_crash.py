@@ -28,6 +28,7 @@ from aioredmq.envelope import decode
 
 from .conftest import PYTHON, ROOT, subprocess_env
 from .helpers import lrange_bytes, wait_for, zrange_with_scores
+from .ledger import report
 from .workers import DONE, STARTED, URL_ENV
 
 pytestmark = pytest.mark.timeout(60)
@@ -216,6 +217,7 @@ async def test_sigkill_mid_batch_loses_nothing(
 # -- graceful stop -----------------------------------------------------------------------
 
 
+@pytest.mark.fault
 async def test_sigterm_returns_prefetched_at_once(
     mq: aioredmq.Client, raw: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -249,6 +251,11 @@ async def test_sigterm_returns_prefetched_at_once(
     assert sorted(done) == sorted(started), "a handler running at SIGTERM did not finish"
     assert set(started_ids) == set(ids[: len(started_ids)]), "handlers did not start in publish order"
     await assert_unstarted_back_then_drain(mq, raw, queue, ids, started_ids, "SIGTERM")
+    report(
+        f"graceful stop (SIGTERM) holding {held} prefetched messages",
+        N_GRACEFUL,
+        faults="SIGTERM: unstarted messages back at once, before the lease expired",
+    )
 
 
 async def test_cancelled_run_returns_prefetched_and_finishes_running(mq: aioredmq.Client, raw: aioredis.Redis) -> None:

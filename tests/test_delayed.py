@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import aioredmq
 
 from .helpers import lrange_bytes, wait_for
+from .ledger import report
 from .test_crash import poll, worker_process
 from .workers import TIMED
 
@@ -186,6 +187,7 @@ async def test_delay_arguments_are_checked(mq: aioredmq.Client) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 async def test_a_killed_consumer_does_not_stop_the_others_moving_due_messages(
     tmp_path: Path, redis_url: str, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -223,6 +225,11 @@ async def test_a_killed_consumer_does_not_stop_the_others_moving_due_messages(
     assert set(handled) == set(due_ms)
     assert [mid for mid, count in handled.items() if count != 1] == []
     assert [mid for mid, _, ms in timed if int(ms) < due_ms[mid] - 1] == [], "handled early"
+    report(
+        "delayed delivery: three consumers race the mover, one SIGKILLed",
+        n,
+        faults="SIGKILL of one of three consumers (each message once, none early)",
+    )
 
 
 async def test_a_stream_message_that_came_due_before_any_consumer_reaches_the_new_group(mq: aioredmq.Client) -> None:

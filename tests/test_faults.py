@@ -29,7 +29,7 @@ from aioredmq.testing import RedisServer
 
 from .helpers import lrange_bytes, wait_for
 from .ledger import REPORTS, Ledger, Report, held_ids
-from .proxy import FaultProxy
+from .proxy import Direction, FaultProxy
 from .test_crash import _output, poll, wait_exit, worker_process
 from .workers import DONE
 
@@ -169,6 +169,32 @@ def _tear_tail(data_dir: str, nbytes: int) -> None:
     """Cut the last ``nbytes`` of the append-only file, as a crash mid-write leaves it."""
     (aof,) = glob.glob(os.path.join(data_dir, "appendonlydir", "*.incr.aof"))
     os.truncate(aof, os.path.getsize(aof) - nbytes)
+
+
+# -- 6. the connection severed in the middle of a publish -------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["c2s", "s2c"])
+async def test_a_connection_severed_mid_publish_neither_duplicates_nor_loses(
+    mq: aioredmq.Client, raw: aioredis.Redis, redis_server: RedisServer, direction: Direction
+) -> None:
+    """c2s: Redis gets half a request and runs nothing; s2c: it ran the batch and half the
+    reply is lost. Either way the resend leaves each message exactly once."""
+    what = "request" if direction == "c2s" else "reply"
+    ledger = Ledger(f"connection reset in the middle of a publish's {what}")
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy, aioredmq.connect(proxy.url) as pmq:
+        queue = pmq.queue("f-sever")
+        await queue.publish({"n": -1})  # warm-up: scripts loaded, connection open
+        ledger.published([-1])
+        # A request of ~120 KB is cut in the middle; a reply (a few bytes) right away.
+        proxy.cut_after(direction, 60_000 if direction == "c2s" else 2)
+        ledger.fault(f"connection reset mid-{what}")
+        await queue.publish_many([{"n": i, "pad": "x" * 40} for i in range(2000)])
+        ledger.published(range(2000))
+        assert not proxy.cut_pending, "the cut never happened"
+        assert await raw.llen(queue.keys.ready) == 2001, "a message was lost or duplicated by the resend"
+        await _run_until_drained(mq, mq.queue("f-sever"), ledger)
+    await ledger.check(raw, mq.queue("f-sever"))
 
 
 # -- 8. a partition longer than the lease -------------------------------------------------------

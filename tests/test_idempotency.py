@@ -16,6 +16,7 @@ import aioredmq
 from aioredmq.envelope import with_attempts
 
 from .helpers import lrange_bytes, settled_stats, wait_for, zrange_with_scores
+from .ledger import report
 from .test_crash import poll, worker_process
 from .workers import EFFECTS
 
@@ -29,6 +30,7 @@ async def duplicate_of(raw: aioredis.Redis, queue: aioredmq.Queue[Any], msg: aio
     await raw.lpush(queue.keys.ready, with_attempts(msg.raw, msg.deliveries))
 
 
+@pytest.mark.fault
 async def test_a_sigkill_between_the_effect_and_the_ack_does_not_repeat_the_effect(
     tmp_path: Path, redis_url: str, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -60,6 +62,12 @@ async def test_a_sigkill_between_the_effect_and_the_ack_does_not_repeat_the_effe
     records = [e.decode() for e in await lrange_bytes(raw, EFFECTS)]
     assert records == [f"{mid} 1 1", f"{mid} 2 0"], "delivered twice, applied once"
     assert await raw.get(f"test:effect:{mid}") == b"1"
+    report(
+        "SIGKILL between the handler's effect and its ack, with the idempotency helper",
+        1,
+        duplicated=1,
+        faults="SIGKILL after the effect (delivered twice, effect applied once)",
+    )
 
 
 async def test_process_acks_with_the_marker_and_skips_a_later_duplicate(

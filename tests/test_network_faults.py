@@ -27,6 +27,7 @@ from aioredmq.scripts import script
 from aioredmq.testing import RedisServer
 
 from .helpers import lrange_bytes, settled_stats, stream_entries, wait_for
+from .ledger import report
 from .proxy import FaultProxy
 
 SCRIPTS = sorted(f.name.removesuffix(".lua") for f in resources.files("aioredmq").joinpath("lua").iterdir())
@@ -206,6 +207,7 @@ async def test_proxy_delays_the_reply_of_a_marked_command(proxy: FaultProxy, raw
 # -- a. publish: a retry after a lost reply does not duplicate ---------------------------
 
 
+@pytest.mark.fault
 async def test_publish_retry_after_a_lost_reply_creates_no_duplicate(
     proxy: FaultProxy, pmq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -258,6 +260,8 @@ async def test_publish_retry_after_a_lost_reply_creates_no_duplicate(
     in_ready = await ready_ids(raw, queue)
     assert len(in_ready) == total, Counter(in_ready).most_common(3)
     assert set(in_ready) == set(ids)
+    report("publish replies dropped (single, batch, coalesced; one reply lost twice)", total,
+           faults="8 publish replies dropped after Redis applied them")  # fmt: skip
 
 
 # -- b. fetch: a lost reply to a move is repaired by adoption ----------------------------
@@ -292,6 +296,7 @@ async def assert_each_once_and_all_gone(
     assert await raw.llen(queue.keys.inflight(consumer.name)) == 0
 
 
+@pytest.mark.fault
 async def test_lost_take_reply_is_repaired_by_adopting_orphans(
     proxy: FaultProxy, pmq: aioredmq.Client, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -306,8 +311,10 @@ async def test_lost_take_reply_is_repaired_by_adopting_orphans(
         assert consumer.stats.adopted == 5
         assert consumer.stats.connection_errors >= 1
     await assert_each_once_and_all_gone(queue, raw, consumer, published, seen)
+    report("the reply to a batch move (take) dropped", len(published), faults="take reply dropped: 10 moved, adopted")
 
 
+@pytest.mark.fault
 async def test_lost_blmove_reply_is_repaired_by_adopting_the_orphan(
     proxy: FaultProxy, pmq: aioredmq.Client, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -326,11 +333,13 @@ async def test_lost_blmove_reply_is_repaired_by_adopting_the_orphan(
         assert fault.replies[0].startswith(b"$")  # a bulk reply: the message had moved
         assert consumer.stats.adopted == 1
     await assert_each_once_and_all_gone(queue, raw, consumer, published, seen)
+    report("the reply to a blocking move (BLMOVE) dropped", len(published), faults="BLMOVE reply dropped: adopted")
 
 
 # -- c. settle: a lost reply to an ack ---------------------------------------------------
 
 
+@pytest.mark.fault
 async def test_lost_ack_reply_leaves_nothing_behind(
     proxy: FaultProxy, pmq: aioredmq.Client, mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -354,6 +363,8 @@ async def test_lost_ack_reply_leaves_nothing_behind(
     stats = await settled_stats(queue, ready=0, in_flight=0, delayed=0, dead=0)
     assert stats.consumers == {}
     assert await raw.llen(queue.keys.inflight(consumer.name)) == 0
+    report("the reply to an ack batch dropped", len(published), duplicated=sum(duplicates.values()),
+           faults=f"ack reply dropped ({len(lost_batch)} acks resent, found done)")  # fmt: skip
 
 
 async def test_an_ack_settled_while_adopting_is_not_delivered_again(

@@ -18,6 +18,7 @@ from aioredmq import Message, RetryPolicy
 
 from .conftest import PYTHON, subprocess_env
 from .helpers import lrange_bytes, mq_url, settled_stats, wait_for
+from .ledger import report
 
 FAST_RETRY = RetryPolicy(max_deliveries=3, backoff_initial_s=0.01, backoff_max_s=0.05)
 
@@ -87,6 +88,7 @@ async def test_consumers_share_the_load_without_duplicates(redis_url: str) -> No
         await settled_stats(producer_side.queue("shared"), ready=0, in_flight=0)
 
 
+@pytest.mark.fault
 async def test_poison_message_is_dead_lettered_while_others_flow(mq: aioredmq.Client) -> None:
     q = mq.queue("poison", retry=FAST_RETRY)
     poison = await q.publish({"poison": True})
@@ -111,8 +113,10 @@ async def test_poison_message_is_dead_lettered_while_others_flow(mq: aioredmq.Cl
     assert record.envelope.id == poison
     assert "ValueError: boom" in record.reason
     assert "delivered 3 times" in record.reason
+    report("a poison message among 200", 201, dead=1, faults="handler raises on one message: dead after 3 deliveries")
 
 
+@pytest.mark.fault
 async def test_garbage_in_ready_goes_to_dead_letter(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
     q = mq.queue("garbage")
     before = await q.publish("before")
@@ -133,6 +137,7 @@ async def test_garbage_in_ready_goes_to_dead_letter(mq: aioredmq.Client, raw: ai
     assert {r.raw for r in records} >= {b"\xff\xfe garbage", b'{"foreign": "writer"}', q_msg}
     assert all(r.reason.startswith("undecodable") for r in records)
     assert consumer.stats.dead_lettered == 4
+    report("undecodable and foreign entries among good ones", 2, dead=4, faults="4 entries no consumer can decode")
 
 
 async def test_in_flight_never_exceeds_prefetch_with_a_100k_backlog(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
@@ -165,6 +170,7 @@ async def test_in_flight_never_exceeds_prefetch_with_a_100k_backlog(mq: aioredmq
     await settled_stats(q, ready=0, in_flight=0)
 
 
+@pytest.mark.fault
 async def test_handler_slower_than_the_lease_is_not_redelivered(redis_url: str) -> None:
     lease = 0.3
     deliveries: Counter[str] = Counter()
@@ -186,6 +192,7 @@ async def test_handler_slower_than_the_lease_is_not_redelivered(redis_url: str) 
             tg.cancel_scope.cancel()
     assert set(deliveries) == set(sent)
     assert set(deliveries.values()) == {1}
+    report("handlers at 3x the lease, two live consumers", 6, faults="handler time 3x the lease: renewed, never robbed")
 
 
 async def test_close_returns_unstarted_to_the_front_and_unfinished_with_a_raised_count(

@@ -7,11 +7,13 @@ from collections import Counter
 from typing import Any
 
 import anyio
+import pytest
 
 import aioredmq
 from aioredmq import Message, RetryPolicy
 
 from .helpers import settled_stats, wait_for
+from .ledger import report
 
 
 async def test_concurrency_is_limited_and_reached(mq: aioredmq.Client) -> None:
@@ -52,6 +54,7 @@ async def test_a_handler_over_its_timeout_is_cut_and_retried(mq: aioredmq.Client
     assert mid
 
 
+@pytest.mark.fault
 async def test_a_hung_handler_ends_in_dead_letter(mq: aioredmq.Client) -> None:
     q = mq.queue("hung", retry=RetryPolicy(max_deliveries=2, backoff_initial_s=0.01))
     await q.publish("hangs")
@@ -65,6 +68,7 @@ async def test_a_hung_handler_ends_in_dead_letter(mq: aioredmq.Client) -> None:
         tg.cancel_scope.cancel()
     (record,) = await q.dead_letters()
     assert record.reason.startswith("TimeoutError")
+    report("a hung handler, cut by its timeout", 1, dead=1, faults="handler never returns: timeout, retry, dead-letter")
 
 
 async def test_cancel_lets_running_handlers_finish_and_returns_the_rest(mq: aioredmq.Client) -> None:

@@ -20,6 +20,7 @@ import aioredmq
 from aioredmq.envelope import Envelope, decode
 
 from .helpers import stream_entries, stream_pending, wait_for
+from .ledger import report
 from .test_crash import listed_at_least, poll, records, wait_exit, worker_process
 from .workers import STARTED
 
@@ -128,6 +129,7 @@ async def test_groups_are_created_idempotently_and_other_errors_surface(
 # -- recovery ----------------------------------------------------------------------------
 
 
+@pytest.mark.fault
 async def test_sigkilled_consumer_entries_are_recovered_after_the_lease(
     mq: aioredmq.Client, raw: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -164,6 +166,11 @@ async def test_sigkilled_consumer_entries_are_recovered_after_the_lease(
     assert all(recovered[i] == 1 for i in set(recovered) - held_ids)
     stats = await stream.stats()
     assert (stats.groups["workers"].pending, stats.groups["workers"].lag) == (0, 0)
+    report(
+        "streams: a consumer SIGKILLed mid-batch",
+        len(ids),
+        faults=f"SIGKILL holding {len(held)} pending entries (each recovered once, delivery 2)",
+    )
 
 
 async def test_a_restarted_consumer_resumes_its_own_pending_entries_first(
