@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import aioredmq
 from aioredmq.envelope import decode_dead, encode
@@ -320,3 +323,51 @@ async def _publish_into(ledger: Ledger, coro: Any, n: int) -> None:
         ledger.maybe_published([n])
     else:
         ledger.published([n])
+
+
+# -- bad input: random and mutated bytes --------------------------------------------------------
+
+_ENVELOPE = encode(new_id(), 1, 2, "json", {"trace": "abc"}, b'{"n": "junk"}')
+
+
+@st.composite
+def _junk(draw: st.DrawFn) -> bytes:
+    """Random bytes, or a real envelope with one byte changed and maybe its tail cut."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=300))
+    raw = bytearray(_ENVELOPE)
+    raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    return bytes(raw[: draw(st.integers(1, len(raw)))])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(_junk(), min_size=1, max_size=8))
+async def test_random_and_mutated_input_never_stops_a_consumer(
+    mq: aioredmq.Client, raw: aioredis.Redis, junk: list[bytes]
+) -> None:
+    queue = mq.queue(f"f-junk-{new_id()}")
+    good = await queue.publish_many([{"n": i} for i in range(3)])
+    await raw.lpush(queue.keys.ready, *junk)
+    good += await queue.publish_many([{"n": i} for i in range(3, 6)])
+    handled: list[str] = []
+
+    async def handler(msg: aioredmq.Message[Any]) -> None:
+        handled.append(msg.id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: mq.run(queue, handler, concurrency=2, prefetch=8))
+        await wait_for(lambda: set(good) <= set(handled), 10, "every good message despite the junk")
+        await poll(_settled(queue), 10, "the junk to be handled or dead-lettered")
+        tg.cancel_scope.cancel()
+    assert sorted(i for i in handled if i in good) == sorted(good), "a good message was handled twice"
+    stats = await queue.stats()
+    # What decoded was handled (a mutated id is still an id); the rest is in dead-letter.
+    assert len(handled) - len(good) + stats.dead == len(junk)
+
+
+def _settled(queue: aioredmq.Queue[Any]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        stats = await queue.stats()
+        return stats.ready == stats.in_flight == stats.delayed == 0
+
+    return check

@@ -222,6 +222,7 @@ async def test_a_poison_entry_is_dead_lettered_and_the_rest_flow(mq: aioredmq.Cl
     assert (stats.groups["g"].pending, stats.groups["g"].dead) == (0, 1)
 
 
+@pytest.mark.fault
 async def test_an_entry_whose_consumers_keep_dying_is_dead_lettered_by_the_sweep(
     mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -242,6 +243,8 @@ async def test_an_entry_whose_consumers_keep_dying_is_dead_lettered_by_the_sweep
     assert record.envelope.id == msg_id
     assert "delivered 3 times without an ack" in record.reason
     assert await pending_ids(raw, stream, "g") == {}
+    report("streams: an entry whose consumers keep dying (delivery-count cap)", 1, dead=1,
+           faults="3 deliveries, none acked: dead-lettered by the sweep")  # fmt: skip
 
 
 async def test_a_handler_three_times_slower_than_the_lease_is_never_robbed(mq: aioredmq.Client) -> None:
@@ -401,6 +404,7 @@ async def test_a_hard_cap_drops_unacked_entries_and_counts_them(
     assert len(seen) == 50
 
 
+@pytest.mark.fault
 async def test_approximate_trimming_and_entries_trimmed_while_pending_are_counted(
     mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:
@@ -414,6 +418,8 @@ async def test_approximate_trimming_and_entries_trimmed_while_pending_are_counte
     async with stream.consume("g", name="live") as consumer:
         await wait_for(lambda: consumer.stats.trimmed == 5, what="the sweep to find the trimmed entries")
     assert "ghost" not in {owner for owner, _ in (await pending_ids(raw, stream, "g")).values()}
+    report("streams: pending entries trimmed away before their ack", 5,
+           faults="XTRIM deleted 5 pending entries (retention chose to): acked, counted, none stuck")  # fmt: skip
 
 
 async def test_idle_consumers_holding_nothing_are_removed(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
