@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from .codecs import Codec
-from .commands import pipeline
-from .config import RetryPolicy
+from .commands import execute, pipeline
+from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .dead import DeadLetters
 from .envelope import DeadRecord, with_attempts
@@ -126,6 +126,15 @@ class Queue(Publishing[T]):
             dead=dead,
             consumers={name: (score - now_ms) / 1000.0 for name, score in pairs},
         )
+
+    async def peek(self, count: int = 10) -> list[bytes]:
+        """The next ``count`` ready envelopes, next in line first, without taking them
+        (:func:`aioredmq.envelope.decode` reads one; a foreign writer's bytes may not decode)."""
+        check_positive("count", count, integer=True)
+        items: list[bytes] = await execute(
+            self.client.redis, "LRANGE", self.keys.ready, -count, -1, keys=(self.keys.ready,)
+        )
+        return items[::-1]
 
     # -- dead letters ----------------------------------------------------------------
 

@@ -224,6 +224,24 @@ class Stream(Publishing[T]):
             )
         return StreamStats(int(length), out, int(dropped or 0), delayed)
 
+    async def peek(self, group: str | None = None, count: int = 10) -> list[tuple[str, bytes]]:
+        """Up to ``count`` entries as (entry id, envelope), oldest first, without reading
+        them for any group: those ``group`` has not been given yet, or from the start."""
+        check_positive("count", count, integer=True)
+        redis, key = self.client.redis, self.keys.stream
+        start = "-"
+        if group is not None:
+            stats = await self.stats()
+            if group not in stats.groups:
+                raise ConfigError(f"stream {self.name!r} has no group {group!r}")
+            start = "(" + stats.groups[group].last_delivered_id
+        rows = await execute(redis, "XRANGE", key, start, "+", "COUNT", count, keys=(key,))
+        out: list[tuple[str, bytes]] = []
+        for entry_id, fields in rows:
+            fields = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=False))
+            out.append((_text(entry_id), fields.get(b"m", b"")))
+        return out
+
     # -- dead letters (per group) ----------------------------------------------------
 
     def _dead(self, group: str) -> DeadLetters:
