@@ -38,6 +38,7 @@ from .partitioned import PartitionedStats as PartitionedStats
 from .queue import Queue as Queue
 from .queue import QueueStats as QueueStats
 from .runner import run as run
+from .service import Service as Service
 from .stream import ConsumerInfo as ConsumerInfo
 from .stream import GroupStats as GroupStats
 from .stream import Stream as Stream
@@ -80,6 +81,7 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "Service",
     "SlowSubscriberError",
     "Stream",
     "StreamConsumer",

@@ -168,7 +168,11 @@ async def _bench(args: argparse.Namespace) -> int:
             ["raw: LPUSH, 1000 values per command", f"{med['raw publish']:,.0f}", ""],
             ["aioredmq: publish_many", f"{med['publish']:,.0f}", f"{ratio['publish_many']:.2f}x"],
             ["raw: reliable consume (Lua move 256, LREM ack)", f"{med['raw consume']:,.0f}", ""],
-            ["aioredmq: runner, concurrency 64, prefetch 1024", f"{med['consume']:,.0f}", f"{ratio['end_to_end']:.2f}x"],  # noqa: E501
+            [
+                "aioredmq: runner, concurrency 64, prefetch 1024",
+                f"{med['consume']:,.0f}",
+                f"{ratio['end_to_end']:.2f}x",
+            ],
         ]
     )
     _emit(args, data, text)
