@@ -99,6 +99,7 @@ class BaseConsumer(Generic[T]):
         check_positive("block_s", block_s)
         check_positive("close_timeout_s", close_timeout_s)
         self.client: Client = source.client
+        self._metrics = source.client.metrics
         self.label = label
         self.codec: Codec = source.codec
         self.retry: RetryPolicy = source.retry
@@ -291,6 +292,8 @@ class BaseConsumer(Generic[T]):
         msg = ready.popleft()
         msg._started = True
         self.stats.delivered += 1
+        if self._metrics is not None:
+            self._metrics.delivered(self.label, msg.deliveries)
         return msg
 
     @property
@@ -347,6 +350,8 @@ class BaseConsumer(Generic[T]):
     def _undecodable(self, ref: bytes, raw: bytes, exc: Exception) -> None:
         self._held[ref] = None
         self.stats.dead_lettered += 1
+        if self._metrics is not None:
+            self._metrics.dead_lettered(self.label)
         log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
         self._enqueue(ref, b"X", encode_dead(raw, f"undecodable: {exc}", now_ms()), 0)
 
@@ -375,6 +380,8 @@ class BaseConsumer(Generic[T]):
         # The hot path of every handled message: the settler is woken only by the first
         # settle of a batch (the events stay as they are while settles are waiting).
         self.stats.acked += 1
+        if self._metrics is not None:
+            self._metrics.acked(self.label)
         refs = self._ack_refs
         if not refs and not self._settles:
             self._settled_all.clear()
@@ -386,6 +393,8 @@ class BaseConsumer(Generic[T]):
     def _settle_ack_marked(self, msg: Message[T], ttl_ms: int) -> None:
         """Ack, and mark the message id processed for ``ttl_ms``, in the same script call."""
         self.stats.acked += 1
+        if self._metrics is not None:
+            self._metrics.acked(self.label)
         self._enqueue(msg._ref, b"M", msg.id.encode(), ttl_ms)
         self._after_settle(msg)
 
@@ -396,6 +405,8 @@ class BaseConsumer(Generic[T]):
             self._settle_dead(msg, why)
             return
         self.stats.nacked += 1
+        if self._metrics is not None:
+            self._metrics.nacked(self.label)
         self._retry(msg, policy.backoff_s(msg.deliveries) if delay_s is None else delay_s)
         self._after_settle(msg)
 
@@ -405,6 +416,8 @@ class BaseConsumer(Generic[T]):
 
     def _dead(self, ref: bytes, raw: bytes, reason: str) -> None:
         self.stats.dead_lettered += 1
+        if self._metrics is not None:
+            self._metrics.dead_lettered(self.label)
         self._enqueue(ref, b"X", encode_dead(raw, reason, now_ms()), 0)
 
     def _settle_release(self, msg: Message[T]) -> None:
@@ -453,6 +466,8 @@ class BaseConsumer(Generic[T]):
         del self._ack_refs[:n_acks]
         del self._ack_tags[:n_acks]
         del self._settles[:count]
+        if late and self._metrics is not None:
+            self._metrics.late_acks(self.label, len(late))
         for position in late:
             ref = refs[position - 1] if position <= n_acks else others[position - 1 - n_acks][0]
             self.stats.late_settles += 1

@@ -27,6 +27,7 @@ from .codecs import Codec
 from .config import RetryPolicy, check_positive
 from .errors import ClosedError, ConfigError
 from .keys import check_name
+from .observe import Metrics, Tracing
 from .tasks import Tasks
 
 _pack_command: Callable[[tuple[Any, ...]], bytes] | None
@@ -89,9 +90,19 @@ class Client:
         *,
         owned: bool,
         prefix: str = "aioredmq",
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise ConfigError(f"metrics={metrics!r} must be an aioredmq.observe.Metrics")
+        if tracing is not None and not isinstance(tracing, Tracing):
+            raise ConfigError(f"tracing={tracing!r} must be an aioredmq.observe.Tracing")
         self.redis = redis
         self.prefix = check_name("prefix", prefix)
+        self.metrics = metrics
+        """Where counters and timings go (``None``: nowhere)."""
+        self.tracing = tracing
+        """What makes spans of publishes and handler calls (``None``: nothing)."""
         self._owned = owned
         self._state = _State.UNOPENED
         self._tasks = Tasks()
@@ -390,11 +401,14 @@ def connect(
     socket_timeout_s: float = 10.0,
     connect_timeout_s: float = 5.0,
     max_connections: int = 64,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Client:
     """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
 
     Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
     used as it is (including its retry policy) and stays open after ``mq`` closes.
+    ``metrics`` and ``tracing`` receive what the library does (see :mod:`aioredmq.observe`).
     """
     if isinstance(url_or_client, Redis):
         if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
@@ -402,7 +416,7 @@ def connect(
                 "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
                 "(message bodies are binary): pass a client made with decode_responses=False"
             )
-        return Client(url_or_client, owned=False, prefix=prefix)
+        return Client(url_or_client, owned=False, prefix=prefix, metrics=metrics, tracing=tracing)
     if not isinstance(url_or_client, str):
         raise ConfigError(f"url_or_client={url_or_client!r} must be a redis:// URL or a redis.asyncio.Redis")
     check_positive("socket_timeout_s", socket_timeout_s)
@@ -420,4 +434,4 @@ def connect(
     except ValueError as exc:
         raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
     redis.connection_pool.connection_class = _fast(redis.connection_pool.connection_class)
-    return Client(redis, owned=True, prefix=prefix)
+    return Client(redis, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)

@@ -138,7 +138,7 @@ def settle_outcome(msg: Message[T], exc: BaseException | None) -> bool:
             msg.deliveries,
             exc,
             exc_info=exc,
-            extra={"message_id": msg.id, "deliveries": msg.deliveries},
+            extra={"queue": msg._consumer.label, "message_id": msg.id, "deliveries": msg.deliveries},
         )
         if not msg._settled:
             msg._claim("nack")

@@ -486,6 +486,8 @@ class PartitionedConsumer(Generic[T]):
                         self._busy[key] = msg
                     msg._started = True
                     sub.stats.delivered += 1
+                    if sub._metrics is not None:
+                        sub._metrics.delivered(sub.label, msg.deliveries)
                     self._rr = (self._rr + turn + 1) % len(subs)
                     return msg
         return None

@@ -304,6 +304,15 @@ class Publishing(Generic[T]):
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
+        if self.client.tracing is not None:
+            headers, span = self.client.tracing.publish(self.name, headers, 1)
+            with span:
+                return await self._publish_one(body, headers, delay, at)
+        return await self._publish_one(body, headers, delay, at)
+
+    async def _publish_one(
+        self, body: T, headers: Mapping[str, str] | None, delay: float | None, at: datetime | None
+    ) -> str:
         if delay is None and at is None:  # the hot path: no list, one clock read
             if headers is not None:
                 check_headers(headers)
@@ -313,11 +322,13 @@ class Publishing(Generic[T]):
             if len(raw) > self.max_body_bytes:
                 raise _too_large(repr(self.name), len(raw), self.max_body_bytes)
             await self.producer.send([raw])
-            return message_id
-        when = due_spec(delay, at)
-        assert when is not None  # delay or at was given
-        (message_id,), raws = self._encode((body,), headers)
-        await self.scheduler.send([when, raws[0]])
+        else:
+            when = due_spec(delay, at)
+            assert when is not None  # delay or at was given
+            (message_id,), raws = self._encode((body,), headers)
+            await self.scheduler.send([when, raws[0]])
+        if self.client.metrics is not None:
+            self.client.metrics.published(self.name, 1)
         return message_id
 
     async def publish_many(
@@ -336,6 +347,16 @@ class Publishing(Generic[T]):
         every message, as for :meth:`publish`.
         """
         self.client.check_open()
+        if self.client.tracing is not None:
+            bodies = list(bodies)
+            headers, span = self.client.tracing.publish(self.name, headers, len(bodies))
+            with span:
+                return await self._publish_many(bodies, headers, delay, at)
+        return await self._publish_many(bodies, headers, delay, at)
+
+    async def _publish_many(
+        self, bodies: Iterable[T], headers: Mapping[str, str] | None, delay: float | None, at: datetime | None
+    ) -> list[str]:
         when = due_spec(delay, at)
         ids, raws = self._encode(bodies, headers)
         producer = self.producer if when is None else self.scheduler
@@ -347,6 +368,8 @@ class Publishing(Generic[T]):
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        if self.client.metrics is not None:
+            self.client.metrics.published(self.name, len(ids))
         return ids
 
     async def cancel(self, message_id: str) -> bool:

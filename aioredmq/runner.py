@@ -10,6 +10,7 @@ never started. Cancellation always propagates to the caller.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -103,19 +104,43 @@ async def _workers(
     idempotency: Idempotency | None,
     shield: anyio.CancelScope,
 ) -> None:
+    client = consumer.client
+    metrics, tracing = client.metrics, client.tracing
+
     async def call(msg: Message[T]) -> None:
+        if tracing is not None:
+            with tracing.process(consumer.label, msg):
+                await timed(msg)
+        else:
+            await timed(msg)
+
+    async def timed(msg: Message[T]) -> None:
+        if metrics is None:
+            await bounded(msg)
+            return
+        start = time.perf_counter()
+        ok = False
+        try:
+            await bounded(msg)
+            ok = True
+        finally:
+            metrics.handled(consumer.label, time.perf_counter() - start, ok)
+
+    async def bounded(msg: Message[T]) -> None:
         if handler_timeout_s is None:
             await handler(msg)
         else:
             with anyio.fail_after(handler_timeout_s):
                 await handler(msg)
 
+    plain = handler_timeout_s is None and metrics is None and tracing is None
+
     async def worker() -> None:
         async for msg in consumer:
             if idempotency is None:
                 # What `async with msg.process()` does, without its two awaits per message.
                 try:
-                    if handler_timeout_s is None:
+                    if plain:
                         await handler(msg)
                     else:
                         await call(msg)
