@@ -16,7 +16,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, overload
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis
@@ -73,6 +73,26 @@ def _fast(connection_class: type[Any]) -> type[Any]:
     if _pack_command is None or issubclass(connection_class, _HiredisPacking):
         return connection_class
     return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
+class QueueOptions(TypedDict, total=False):
+    """The settings of :meth:`Client.queue` (and, with ``partitions``, of ``partitioned``)."""
+
+    codec: str | Codec
+    retry: RetryPolicy | None
+    lease_s: float
+    max_body_bytes: int
+    max_buffered: int
+
+
+class PartitionedOptions(QueueOptions, total=False):
+    partitions: int
+
+
+class StreamOptions(QueueOptions, total=False):
+    maxlen: int | None
+    max_age_s: float | None
+    trim_acked: bool
 
 
 class _State(enum.Enum):
@@ -215,6 +235,12 @@ class Client:
 
     # -- transports ------------------------------------------------------------------
 
+    @overload
+    def queue(self, name: str, *, body: type[T], **options: Unpack[QueueOptions]) -> Queue[T]: ...
+
+    @overload
+    def queue(self, name: str, *, body: None = None, **options: Unpack[QueueOptions]) -> Queue[Any]: ...
+
     def queue(
         self,
         name: str,
@@ -224,13 +250,15 @@ class Client:
         lease_s: float = 30.0,
         max_body_bytes: int = 16 * 1024 * 1024,
         max_buffered: int = 10_000,
+        body: type[Any] | None = None,
     ) -> Queue[Any]:
         """The reliable list queue ``name``. The same name gives the same object.
 
         ``lease_s``: how long a consumer that stopped heartbeating keeps its messages
         before another consumer recovers them. ``max_buffered``: messages a producer
         holds before ``publish()`` waits. ``max_body_bytes``: the largest encoded
-        message ``publish()`` accepts.
+        message ``publish()`` accepts. ``body``: a dataclass, pydantic model or msgspec
+        Struct that every body is (see :mod:`aioredmq.typed`).
         """
         from .queue import Queue
 
@@ -238,6 +266,7 @@ class Client:
         q: Queue[Any] = Queue(
             self,
             name,
+            body=body,
             codec=codec,
             retry=retry or RetryPolicy(),
             lease_s=lease_s,
@@ -245,6 +274,12 @@ class Client:
             max_buffered=max_buffered,
         )
         return _once(self._queues, q)
+
+    @overload
+    def stream(self, name: str, *, body: type[T], **options: Unpack[StreamOptions]) -> Stream[T]: ...
+
+    @overload
+    def stream(self, name: str, *, body: None = None, **options: Unpack[StreamOptions]) -> Stream[Any]: ...
 
     def stream(
         self,
@@ -258,6 +293,7 @@ class Client:
         maxlen: int | None = None,
         max_age_s: float | None = None,
         trim_acked: bool = False,
+        body: type[Any] | None = None,
     ) -> Stream[Any]:
         """The stream ``name``, read by consumer groups. The same name gives the same object.
 
@@ -272,6 +308,7 @@ class Client:
         s: Stream[Any] = Stream(
             self,
             name,
+            body=body,
             codec=codec,
             retry=retry or RetryPolicy(),
             lease_s=lease_s,
@@ -283,6 +320,16 @@ class Client:
         )
         return _once(self._streams, s)
 
+    @overload
+    def partitioned(
+        self, name: str, *, body: type[T], **options: Unpack[PartitionedOptions]
+    ) -> PartitionedQueue[T]: ...
+
+    @overload
+    def partitioned(
+        self, name: str, *, body: None = None, **options: Unpack[PartitionedOptions]
+    ) -> PartitionedQueue[Any]: ...
+
     def partitioned(
         self,
         name: str,
@@ -293,6 +340,7 @@ class Client:
         lease_s: float = 30.0,
         max_body_bytes: int = 16 * 1024 * 1024,
         max_buffered: int = 10_000,
+        body: type[Any] | None = None,
     ) -> PartitionedQueue[Any]:
         """The partitioned queue ``name``: per-key ordering over ``partitions`` list queues,
         each held by one consumer at a time. Every producer and consumer must agree on
@@ -304,6 +352,7 @@ class Client:
         pq: PartitionedQueue[Any] = PartitionedQueue(
             self,
             name,
+            body=body,
             partitions=partitions,
             codec=codec,
             retry=retry or RetryPolicy(),

@@ -34,6 +34,7 @@ from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, MessageT
 from .ids import new_ids, stamped_id
 from .keys import _Keys, check_name
 from .scripts import script
+from .typed import typed_codec
 
 __all__ = ("Producer", "Publishing", "check_encoded")
 
@@ -253,6 +254,7 @@ class Publishing(Generic[T]):
         lease_s: float,
         max_body_bytes: int,
         max_buffered: int,
+        body: type[T] | None = None,
     ) -> None:
         check_name("name", name)
         check_positive("lease_s", lease_s)
@@ -262,7 +264,9 @@ class Publishing(Generic[T]):
             raise ConfigError(f"retry={retry!r} must be an aioredmq.RetryPolicy")
         self.client = client
         self.name = name
-        self.codec = get_codec(codec)
+        self.codec = typed_codec(get_codec(codec), body)
+        self.body_type = body
+        """The body type the queue was declared with (``None``: whatever the codec reads)."""
         self.retry = retry
         self.lease_s = float(lease_s)
         self.max_body_bytes = max_body_bytes

@@ -50,6 +50,7 @@ class Queue(Publishing[T]):
         max_body_bytes: int,
         max_buffered: int,
         partition_of: str | None = None,
+        body: type[T] | None = None,
     ) -> None:
         # A partition of a partitioned queue is named '<name>#<i>': checked as <name>.
         self.keys = keys = QueueKeys(client.prefix, name)
@@ -58,6 +59,7 @@ class Queue(Publishing[T]):
             name if partition_of is None else partition_of,
             keys,
             codec=codec,
+            body=body,
             retry=retry,
             lease_s=lease_s,
             max_body_bytes=max_body_bytes,
@@ -73,7 +75,7 @@ class Queue(Publishing[T]):
         )
         self.name = name
         self._dead = DeadLetters(client, self.keys.dead, self.keys.ready, "list", lambda raw, _: with_attempts(raw, 0))
-        self.settings = (self.codec.name, retry, self.lease_s, max_body_bytes, max_buffered)
+        self.settings = (self.codec.name, body, retry, self.lease_s, max_body_bytes, max_buffered)
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r}>"

@@ -101,6 +101,7 @@ class Stream(Publishing[T]):
         maxlen: int | None,
         max_age_s: float | None,
         trim_acked: bool,
+        body: type[T] | None = None,
     ) -> None:
         self.keys = keys = StreamKeys(client.prefix, name)
         self._setup(
@@ -108,6 +109,7 @@ class Stream(Publishing[T]):
             name,
             keys,
             codec=codec,
+            body=body,
             retry=retry,
             lease_s=lease_s,
             max_body_bytes=max_body_bytes,
@@ -128,7 +130,7 @@ class Stream(Publishing[T]):
             extra_args=self._trim_args,
             max_buffered=max_buffered,
         )
-        self.settings = (self.codec.name, retry, self.lease_s, max_body_bytes, max_buffered, self._trim_args)
+        self.settings = (self.codec.name, body, retry, self.lease_s, max_body_bytes, max_buffered, self._trim_args)
 
     def __repr__(self) -> str:
         return f"<Stream {self.name!r}>"
