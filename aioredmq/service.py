@@ -126,11 +126,16 @@ class Service:
         await client.__aenter__()
         self._client = client
         loop = asyncio.get_running_loop()
-        for i, runner in enumerate(self._runners):
-            source = runner.source(client)
-            task = loop.create_task(client.run(source, runner.handler, **runner.options), name=f"aioredmq-service-{i}")
-            task.add_done_callback(self._ended)
-            self._tasks.append(task)
+        try:
+            for i, runner in enumerate(self._runners):
+                source = runner.source(client)
+                coro = client.run(source, runner.handler, **runner.options)
+                task = loop.create_task(coro, name=f"aioredmq-service-{i}")
+                task.add_done_callback(self._ended)
+                self._tasks.append(task)
+        except BaseException:
+            await self.stop()  # a bad source: stop what started, close the connection
+            raise
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -201,3 +201,17 @@ def test_an_integration_without_its_framework_says_what_to_install(
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=rf"pip install 'aioredmq\[{extra}\]'"):
         importlib.import_module(module)
+
+
+async def test_a_service_that_cannot_start_closes_what_it_opened(redis_url: str) -> None:
+    async def noop(msg: aioredmq.Message[Any]) -> None:
+        pass
+
+    service = aioredmq.Service(redis_url)
+    service.add(lambda mq: mq.queue("fine"), noop)
+    service.add(lambda mq: mq.queue("bad name with spaces"), noop)
+    with pytest.raises(aioredmq.ConfigError):
+        await service.start()
+    assert not service.running
+    with pytest.raises(aioredmq.ClosedError, match="not running"):
+        service.client  # noqa: B018 - the property raises
