@@ -38,9 +38,8 @@ from .scripts import script
 from .tasks import Gate, Tasks, cancel_and_wait
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from .client import Client
+    from .commands import AnyRedis
     from .producer import Publishing
 
 __all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms")
@@ -131,7 +130,7 @@ class BaseConsumer(Generic[T]):
         self._state = 0  # 0 new, 1 open, 2 closing/closed
         self._tasks = Tasks(on_crash=self._crashed)
         self._fetch_task: asyncio.Task[None] | None = None
-        self._conn: Redis | None = None
+        self._conn: AnyRedis | None = None
         # While a listing of what Redis says we hold is on its way: refs that settles removed
         # meanwhile. The listing may predate their removal, so they must not be taken for orphans.
         self._settled_while_listing: set[bytes] | None = None
@@ -308,7 +307,7 @@ class BaseConsumer(Generic[T]):
 
     async def _pause_after_failure(self, what: str, exc: AioredmqError, failures: int) -> None:
         self.stats.connection_errors += 1
-        delay = min(0.05 * 2**failures, 2.0)
+        delay = min(0.05 * 2**failures, 0.5)  # short: a failover is over in seconds
         log.warning("consumer %s: %s failed (%s); retrying in %.2fs", self.name, what, exc, delay)
         await anyio.sleep(delay)
 

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, overload
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .codecs import Codec
+from .commands import AnyRedis
 from .config import RetryPolicy, check_positive
 from .errors import ClosedError, ConfigError
 from .keys import check_name
@@ -106,7 +109,7 @@ class Client:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         *,
         owned: bool,
         prefix: str = "aioredmq",
@@ -133,7 +136,7 @@ class Client:
         self.subscribers: set[Subscriber] = set()  # open subscriptions; closed with the client
         self._due_watcher: DueWatcher | None = None
         self._due_lock = anyio.Lock()
-        self._dedicated: set[Redis] = set()
+        self._dedicated: set[AnyRedis] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -171,10 +174,10 @@ class Client:
             finally:
                 await self._tasks.aclose()
                 for conn in list(self._dedicated):
-                    await conn.aclose(close_connection_pool=True)
+                    await _close(conn)
                 self._dedicated.clear()
                 if self._owned:
-                    await self.redis.aclose(close_connection_pool=True)
+                    await _close(self.redis)
 
     def check_open(self) -> None:
         if self._state is _State.UNOPENED:
@@ -189,13 +192,25 @@ class Client:
 
     # -- connections -----------------------------------------------------------------
 
-    def dedicated(self, socket_timeout_s: float) -> Redis:
+    @property
+    def cluster(self) -> bool:
+        """Whether this client talks to a Redis Cluster."""
+        return isinstance(self.redis, RedisCluster)
+
+    def dedicated(self, socket_timeout_s: float) -> AnyRedis:
         """A single-connection client with the same settings, for blocking reads.
 
         Its socket timeout must exceed the block time, so a long BLMOVE is not cut
-        short by the pool's timeout, and it never stalls publishes or acks.
+        short by the pool's timeout, and it never stalls publishes or acks. On a
+        cluster: a cluster client of its own (one connection per node it reads from).
         """
         self.check_open()
+        conn: AnyRedis
+        if isinstance(self.redis, RedisCluster):
+            nodes = [ClusterNode(n.host, n.port) for n in self.redis.get_nodes()]
+            conn = RedisCluster(startup_nodes=nodes, socket_timeout=socket_timeout_s, **_cluster_auth(self.redis))
+            self._dedicated.add(conn)
+            return conn
         pool = self.redis.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs.update(socket_timeout=socket_timeout_s, retry=_no_retry(), retry_on_error=[])
@@ -211,6 +226,12 @@ class Client:
         """A bare connection with the same settings and no read timeout, for a subscriber
         that waits indefinitely; the caller connects and disconnects it."""
         self.check_open()
+        if isinstance(self.redis, RedisCluster):
+            # Plain pub/sub reaches every node of a cluster: any master will do, and a
+            # reconnect after a failover picks again.
+            node = random.choice(self.redis.get_primaries())
+            node_conn: AbstractConnection = node.connection_class(**{**node.connection_kwargs, "socket_timeout": None})
+            return node_conn
         pool = self.redis.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs.update(socket_timeout=None, retry=_no_retry(), retry_on_error=[])
@@ -228,10 +249,10 @@ class Client:
                 self._due_watcher = watcher
             return self._due_watcher
 
-    async def release_dedicated(self, conn: Redis) -> None:
+    async def release_dedicated(self, conn: AnyRedis) -> None:
         self._dedicated.discard(conn)
         with anyio.CancelScope(shield=True):
-            await conn.aclose(close_connection_pool=True)
+            await _close(conn)
 
     # -- transports ------------------------------------------------------------------
 
@@ -433,6 +454,26 @@ class Client:
 S = TypeVar("S", "Queue[Any]", "Stream[Any]", "PartitionedQueue[Any]")
 
 
+_AUTH_KEYS = ("username", "password", "credential_provider", "client_name", "socket_connect_timeout", "protocol")
+_SSL_KEYS = ("ssl_ca_certs", "ssl_ca_data", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+
+
+def _cluster_auth(rc: RedisCluster) -> dict[str, Any]:
+    """What a second cluster client needs to reach the same cluster as ``rc``."""
+    kwargs = rc.connection_kwargs
+    out = {k: kwargs[k] for k in _AUTH_KEYS if kwargs.get(k) is not None}
+    if any(kwargs.get(k) is not None for k in _SSL_KEYS):
+        out.update(ssl=True, **{k: kwargs[k] for k in _SSL_KEYS if kwargs.get(k) is not None})
+    return out
+
+
+async def _close(redis: AnyRedis) -> None:
+    if isinstance(redis, RedisCluster):
+        await redis.aclose()
+    else:
+        await redis.aclose(close_connection_pool=True)
+
+
 def _once(cache: dict[str, S], made: S) -> S:
     """The one object per name: the first one made, if its settings are the same."""
     existing = cache.setdefault(made.name, made)
@@ -444,7 +485,7 @@ def _once(cache: dict[str, S], made: S) -> S:
 
 
 def connect(
-    url_or_client: str | Redis,
+    url_or_client: str | AnyRedis,
     *,
     prefix: str = "aioredmq",
     socket_timeout_s: float = 10.0,
@@ -452,13 +493,22 @@ def connect(
     max_connections: int = 64,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
+    cluster: bool = False,
 ) -> Client:
     """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
+    ``cluster=True``: the URL names one node of a Redis Cluster (or pass a ``RedisCluster``).
 
     Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
     used as it is (including its retry policy) and stays open after ``mq`` closes.
     ``metrics`` and ``tracing`` receive what the library does (see :mod:`aioredmq.observe`).
     """
+    if isinstance(url_or_client, RedisCluster):
+        if url_or_client.connection_kwargs.get("decode_responses"):
+            raise ConfigError(
+                "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
+                "(message bodies are binary): pass a client made with decode_responses=False"
+            )
+        return Client(url_or_client, owned=False, prefix=prefix, metrics=metrics, tracing=tracing)
     if isinstance(url_or_client, Redis):
         if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ConfigError(
@@ -471,6 +521,17 @@ def connect(
     check_positive("socket_timeout_s", socket_timeout_s)
     check_positive("connect_timeout_s", connect_timeout_s)
     check_positive("max_connections", max_connections, integer=True)
+    if cluster:
+        try:
+            rc = RedisCluster.from_url(
+                url_or_client,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=connect_timeout_s,
+                max_connections=max_connections,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
+        return Client(rc, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)
     try:
         redis = Redis.from_url(
             url_or_client,

@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from .errors import mapped
 
-__all__ = ("execute", "pipeline")
+__all__ = ("AnyRedis", "execute", "pipeline")
+
+AnyRedis = Redis | RedisCluster
+"""A client of one Redis (or of its Sentinel-managed master), or of a Redis Cluster."""
 
 
-async def execute(redis: Redis, *args: Any, keys: tuple[str, ...] = ()) -> Any:
+async def execute(redis: AnyRedis, *args: Any, keys: tuple[str, ...] = ()) -> Any:
     """Run one command; ``keys`` name what it touches, for error messages."""
     with mapped(*keys):
-        return await redis.execute_command(*args)  # type: ignore[no-untyped-call]
+        return await redis.execute_command(*args)
 
 
 async def pipeline(
-    redis: Redis, commands: list[tuple[Any, ...]], *, keys: tuple[str, ...] = (), transaction: bool = False
+    redis: AnyRedis, commands: list[tuple[Any, ...]], *, keys: tuple[str, ...] = (), transaction: bool = False
 ) -> list[Any]:
     """Run commands in one round trip (MULTI/EXEC if ``transaction``); return the replies in order."""
     if not commands:

@@ -44,7 +44,7 @@ log = logging.getLogger("aioredmq.producer")
 
 _SEQ_TTL_MS = 24 * 3600 * 1000
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{1,64}$")
-_RETRY_DELAYS_S = (0.05, 0.25, 1.0, 2.0)
+_RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5)  # 3.25 s in all; never idle over 0.5 s
 _Group = tuple[list[bytes], "asyncio.Future[None]"]
 
 

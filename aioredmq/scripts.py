@@ -11,9 +11,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from .commands import AnyRedis
 from .errors import mapped
 
 __all__ = ("Script", "script")
@@ -30,17 +30,18 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(
-        self, redis: Redis, keys: tuple[str | bytes, ...], args: tuple[Any, ...] | list[Any] = ()
+        self, redis: AnyRedis, keys: tuple[str | bytes, ...], args: tuple[Any, ...] | list[Any] = ()
     ) -> Any:
         run = redis.execute_command
         with mapped(*keys):
             try:
-                return await run("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return await run("EVALSHA", self.sha, len(keys), *keys, *args)
             except NoScriptError:
                 # The server lost its script cache (restart, failover, SCRIPT FLUSH):
                 # NOSCRIPT means nothing ran, so loading and running again is safe.
-                await run("SCRIPT", "LOAD", self.source)  # type: ignore[no-untyped-call]
-                return await run("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                # script_load: a cluster client sends it to every master, as it must.
+                await redis.script_load(self.source)
+                return await run("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 @cache

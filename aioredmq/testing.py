@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ import tempfile
 import time
 from types import TracebackType
 
-__all__ = ("RedisServer", "free_port")
+__all__ = ("RedisClusterServers", "RedisServer", "free_port")
 
 
 def free_port() -> int:
@@ -26,6 +27,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too."""
+    for _ in range(1000):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _ping(port: int, timeout_s: float = 0.5) -> bool:
@@ -109,6 +128,107 @@ class RedisServer:
             self.dir = ""
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _info(port: int, section: str, timeout_s: float = 0.5) -> dict[str, str]:
+    """``INFO section`` of the server on ``port`` as a dict (empty when it does not answer)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(f"INFO {section}\r\n".encode())
+            data = b""
+            while not data.endswith(b"\r\n\r\n") and len(data) < 1_000_000:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if data.startswith(b"$") and data.count(b"\r\n") >= 2:
+                    header, _, rest = data.partition(b"\r\n")
+                    if len(rest) >= int(header[1:]) + 2:
+                        break
+    except OSError:
+        return {}
+    lines = data.decode("utf-8", "replace").splitlines()[1:]
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+class RedisClusterServers:
+    """``with RedisClusterServers() as cluster: cluster.url``: a throwaway cluster on
+    loopback, ``masters`` masters with one replica each, ready once every slot is served
+    and every replica's link to its master is up (a master killed before that would never
+    fail over). ``node_timeout_ms`` is how soon a dead master is failed over."""
+
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 1000) -> None:
+        args = (
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0",
+            "--cluster-replica-validity-factor", "0",
+        )  # fmt: skip
+        self.servers = [RedisServer(*args, port=free_cluster_port()) for _ in range(2 * masters)]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    def start(self, timeout_s: float = 30.0) -> RedisClusterServers:
+        try:
+            for server in self.servers:
+                server.start()
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                raise RuntimeError("redis-cli not found: install it (Debian: apt-get install redis-server)")
+            nodes = [f"127.0.0.1:{p}" for p in self.ports]
+            subprocess.run(
+                [cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s,
+            )  # fmt: skip
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every live node says the cluster is ok and every live replica's link is up."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            live = [s for s in self.servers if s.process is not None and _ping(s.port)]
+            replication = [_info(s.port, "replication") for s in live]
+            replicas_up = all(r.get("master_link_status") == "up" for r in replication if r.get("role") == "slave")
+            if live and replicas_up and self._slots_ok(live):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the cluster on ports {self.ports} did not become ready in {timeout_s}s")
+
+    @staticmethod
+    def _slots_ok(live: list[RedisServer]) -> bool:
+        for server in live:
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=0.5) as s:
+                    s.sendall(b"CLUSTER INFO\r\n")
+                    if b"cluster_state:ok" not in s.recv(65536):
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> RedisClusterServers:
         return self.start()
 
     def __exit__(

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 import aioredmq
 
@@ -30,9 +31,15 @@ async def settled_stats(queue: aioredmq.Queue[object], **expected: int) -> aiore
     return stats
 
 
+def single(redis: aioredis.Redis | RedisCluster) -> aioredis.Redis:
+    """A client of one Redis, as every test but the cluster ones uses."""
+    assert isinstance(redis, aioredis.Redis), f"expected a single-server client, got {redis!r}"
+    return redis
+
+
 def mq_url(mq: aioredmq.Client) -> str:
     """The URL the client is connected to, for a child process."""
-    kw = mq.redis.connection_pool.connection_kwargs
+    kw = single(mq.redis).connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 

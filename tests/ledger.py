@@ -32,7 +32,7 @@ import aioredmq
 from aioredmq.envelope import decode, decode_dead
 from aioredmq.errors import DecodeError
 
-from .helpers import as_bytes, lrange_bytes, stream_entries, stream_pending
+from .helpers import as_bytes, lrange_bytes, single, stream_entries, stream_pending
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Ledger:
 
         async def check() -> bool:
             unhandled = self.confirmed - set(self.handled)
-            if unhandled and not unhandled <= await _dead_ids(source.client.redis, source, "default"):
+            if unhandled and not unhandled <= await _dead_ids(single(source.client.redis), source, "default"):
                 return False
             stats = await source.stats()
             return stats.ready == stats.in_flight == stats.delayed == 0

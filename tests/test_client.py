@@ -8,13 +8,15 @@ import redis.asyncio as aioredis
 import aioredmq
 from aioredmq import ClosedError, ConfigError, RetryPolicy, WrongTypeError
 
+from .helpers import single
+
 
 async def test_own_clients_never_resend_on_their_own(mq: aioredmq.Client) -> None:
-    retry = mq.redis.connection_pool.connection_kwargs["retry"]
+    retry = single(mq.redis).connection_pool.connection_kwargs["retry"]
     assert retry.get_retries() == 0
     conn = mq.dedicated(3.0)
     try:
-        kwargs = conn.connection_pool.connection_kwargs
+        kwargs = single(conn).connection_pool.connection_kwargs
         assert kwargs["retry"].get_retries() == 0
         assert kwargs["socket_timeout"] == 3.0
     finally:

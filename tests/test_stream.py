@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 import aioredmq
 from aioredmq.envelope import Envelope, decode
 
-from .helpers import stream_entries, stream_pending, wait_for
+from .helpers import single, stream_entries, stream_pending, wait_for
 from .ledger import report
 from .test_crash import listed_at_least, poll, records, wait_exit, worker_process
 from .workers import STARTED
@@ -97,7 +97,7 @@ async def test_fan_out_every_group_sees_every_entry_exactly_once(mq: aioredmq.Cl
 
 async def _entries(stream: aioredmq.Stream[Any]) -> list[Envelope]:
     """The stream's envelopes, oldest first."""
-    return [decode(fields[b"m"]) for _, fields in await stream_entries(stream.client.redis, stream.keys.stream)]
+    return [decode(fields[b"m"]) for _, fields in await stream_entries(single(stream.client.redis), stream.keys.stream)]
 
 
 async def test_groups_are_created_idempotently_and_other_errors_surface(

@@ -1,0 +1,157 @@
+"""Redis Cluster: every transport on a real 6-node cluster (3 masters, 3 replicas), and a
+failover in the middle of a run. Marked ``cluster``: ``pytest -m cluster`` selects them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+import aioredmq
+from aioredmq.testing import RedisClusterServers
+
+from .helpers import wait_for
+from .ledger import report
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(90)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+async def cmq(cluster: RedisClusterServers) -> AsyncIterator[aioredmq.Client]:
+    async with aioredmq.connect(cluster.url, cluster=True) as client:
+        yield client
+
+
+def _owner(rc: RedisCluster, key: str) -> ClusterNode:
+    node = rc.get_node_from_key(key)
+    assert node is not None, key
+    return node
+
+
+async def handle_all(mq: aioredmq.Client, source: Any, n: int, **options: Any) -> list[Any]:
+    bodies: list[Any] = []
+
+    async def handler(msg: aioredmq.Message[Any]) -> None:
+        bodies.append(msg.body)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: mq.run(source, handler, **options))
+        await wait_for(lambda: len(bodies) >= n, 20, f"{n} messages handled")
+        tg.cancel_scope.cancel()
+    return bodies
+
+
+async def test_queue_stream_delayed_and_idempotency_work_on_a_cluster(cmq: aioredmq.Client) -> None:
+    assert cmq.cluster
+    q = cmq.queue("c-orders", retry=aioredmq.RetryPolicy(max_deliveries=1))
+    await q.publish_many([{"n": i} for i in range(50)])
+    await q.publish({"n": 50}, delay=0.3)
+    assert sorted(b["n"] for b in await handle_all(cmq, q, 51)) == list(range(51))
+    stats = await q.stats()
+    assert (stats.ready, stats.in_flight, stats.delayed, stats.dead) == (0, 0, 0, 0)
+
+    s = cmq.stream("c-events")
+    await s.create_group("billing", "begin")
+    await s.publish_many([{"n": i} for i in range(20)])
+    assert len(await handle_all(cmq, s, 20, group="billing")) == 20
+    assert (await s.stats()).groups["billing"].pending == 0
+
+    once = aioredmq.Idempotency()
+    effects = cmq.queue("c-effects")
+    await effects.publish({"n": 1})
+    async with effects.consume(block_s=0.2) as consumer:
+        msg = await consumer.__anext__()
+        applied = await once.apply(msg, ("INCR", f"aioredmq:{{c-effects}}:effect:{msg.id}"))
+        again = await once.apply(msg, ("INCR", f"aioredmq:{{c-effects}}:effect:{msg.id}"))
+    assert (applied, again) == (True, False)
+
+
+async def test_partitions_spread_over_the_masters_and_keep_key_order(
+    cmq: aioredmq.Client, cluster: RedisClusterServers
+) -> None:
+    pq = cmq.partitioned("c-ledger", partitions=12)
+    assert isinstance(cmq.redis, RedisCluster)
+    await cmq.redis.initialize()  # the slot map
+    owners = Counter(_owner(cmq.redis, p.keys.ready).name for p in pq.partitions)
+    assert len(owners) == 3, f"the partitions landed on {dict(owners)}"
+    assert min(owners.values()) >= 2, f"uneven: {dict(owners)}"
+    report("cluster: 12 partitions over 3 masters", 12, faults=f"distribution {sorted(owners.values())}")
+    for key in ("a", "b", "c", "d"):
+        for seq in range(10):
+            await pq.publish({"key": key, "seq": seq}, key=key)
+    bodies = await handle_all(cmq, pq, 40, concurrency=8)
+    for key in "abcd":
+        assert [b["seq"] for b in bodies if b["key"] == key] == list(range(10))
+
+
+@pytest.mark.fault
+async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s() -> None:
+    with RedisClusterServers() as cluster:
+        async with aioredmq.connect(cluster.url, cluster=True, socket_timeout_s=1.0) as mq:
+            q = mq.queue("c-failover", lease_s=2.0)
+            assert isinstance(mq.redis, RedisCluster)
+            await mq.redis.initialize()  # the slot map
+            owner = _owner(mq.redis, q.keys.ready)
+            (master,) = [s for s in cluster.servers if s.port == owner.port]
+            confirmed: set[int] = set()
+            handled: dict[int, float] = {}
+            stop = anyio.Event()
+            killed_at = 0.0
+
+            sent = 0
+
+            async def publish_one(n: int) -> None:
+                try:
+                    await q.publish({"n": n})
+                    confirmed.add(n)
+                except aioredmq.AioredmqError:
+                    pass  # unconfirmed: may or may not exist
+
+            async def produce() -> None:
+                # One publish every 10 ms, each on its own: one waiting out a retry
+                # backoff during the failover does not hold back the next.
+                nonlocal sent
+                async with anyio.create_task_group() as publishes:
+                    while not stop.is_set():
+                        publishes.start_soon(publish_one, sent)
+                        sent += 1
+                        await anyio.sleep(0.01)
+
+            async def handler(msg: aioredmq.Message[Any]) -> None:
+                handled.setdefault(msg.body["n"], time.monotonic())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: mq.run(q, handler, concurrency=4))
+                tg.start_soon(produce)
+                await wait_for(lambda: len(handled) >= 50, 10, "traffic before the kill")
+                master.kill(signal.SIGKILL)
+                first_after = sent  # sent from now on
+                killed_at = time.monotonic()
+                await wait_for(
+                    lambda: any(n >= first_after for n in handled), 20, "consumption of a message sent after the kill"
+                )
+                resumed_s = min(t for n, t in handled.items() if n >= first_after) - killed_at
+                stop.set()
+                await anyio.sleep(1.0)
+                tg.cancel_scope.cancel()
+    lost = sorted(confirmed - set(handled))
+    report(
+        "cluster: the master of a queue SIGKILLed mid-run",
+        len(confirmed),
+        lost=len(lost),
+        recovery_s=resumed_s,
+        faults="master SIGKILL; its replica promoted (node timeout 1 s); no replicated durability",
+    )
+    assert resumed_s < 5.0, f"consumption resumed only after {resumed_s:.1f} s"
