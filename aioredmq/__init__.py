@@ -22,6 +22,7 @@ from .errors import ConnectionLostError as ConnectionLostError
 from .errors import DecodeError as DecodeError
 from .errors import MessageStateError as MessageStateError
 from .errors import MessageTooLargeError as MessageTooLargeError
+from .errors import NotReplicatedError as NotReplicatedError
 from .errors import PublishError as PublishError
 from .errors import PublishUnconfirmedError as PublishUnconfirmedError
 from .errors import RedisError as RedisError
@@ -69,6 +70,7 @@ __all__ = (
     "MessageStateError",
     "MessageTooLargeError",
     "MsgpackCodec",
+    "NotReplicatedError",
     "PartitionedConsumer",
     "PartitionedQueue",
     "PartitionedStats",

@@ -15,7 +15,8 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     │   └── ResponseError                    any other error reply
     ├── PublishError                         a publish did not complete
     │   ├── MessageTooLargeError (ValueError)  the encoded body is over ``max_body_bytes``
-    │   └── PublishUnconfirmedError          sent, but no confirmation came back: it may exist
+    │   ├── PublishUnconfirmedError          sent, but no confirmation came back: it may exist
+    │   └── NotReplicatedError               in Redis, but too few replicas have it yet
     ├── DecodeError                          bytes that are not a valid aioredmq envelope or body
     ├── SlowSubscriberError                  a pub/sub subscriber fell too far behind and was cut off
     └── MessageStateError                    ack/nack on a message that was already settled
@@ -110,6 +111,18 @@ class PublishUnconfirmedError(PublishError):
 
     Retrying the publish may create a duplicate; consumers deduplicate by message id.
     """
+
+
+class NotReplicatedError(PublishError):
+    """Redis has the messages, but fewer replicas than asked acknowledged them in time.
+
+    They may be delivered as usual; a failover before the replicas catch up may lose them.
+    ``replicated`` is how many replicas did acknowledge.
+    """
+
+    def __init__(self, message: str, replicated: int) -> None:
+        super().__init__(message)
+        self.replicated = replicated
 
 
 class DecodeError(AioredmqError):

@@ -30,7 +30,15 @@ from .commands import pipeline
 from .config import RetryPolicy, check_positive
 from .delayed import due_spec
 from .envelope import encode, encode_many
-from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, MessageTooLargeError, PublishUnconfirmedError
+from .errors import (
+    TRANSIENT,
+    AioredmqError,
+    ClosedError,
+    ConfigError,
+    MessageTooLargeError,
+    NotReplicatedError,
+    PublishUnconfirmedError,
+)
 from .ids import new_ids, stamped_id
 from .keys import _Keys, check_name
 from .scripts import script
@@ -45,7 +53,9 @@ log = logging.getLogger("aioredmq.producer")
 _SEQ_TTL_MS = 24 * 3600 * 1000
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5)  # 3.25 s in all; never idle over 0.5 s
-_Group = tuple[list[bytes], "asyncio.Future[None]"]
+Wait = tuple[int, int]
+"""Replicas that must acknowledge a batch, and for how long to wait for them (ms)."""
+_Group = tuple[list[bytes], "asyncio.Future[None]", Wait | None]
 
 
 class Producer:
@@ -89,20 +99,21 @@ class Producer:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def send(self, envelopes: list[bytes]) -> None:
-        """Append envelopes (at most ``max_batch``) and wait until Redis has them."""
-        fut = self._offer(envelopes)
-        await (fut if fut is not None else await self.submit(envelopes))
+    async def send(self, envelopes: list[bytes], wait: Wait | None = None) -> None:
+        """Append envelopes (at most ``max_batch``) and wait until Redis has them (and,
+        with ``wait``, that many replicas)."""
+        fut = self._offer(envelopes, wait)
+        await (fut if fut is not None else await self.submit(envelopes, wait))
 
-    async def submit(self, envelopes: list[bytes]) -> asyncio.Future[None]:
+    async def submit(self, envelopes: list[bytes], wait: Wait | None = None) -> asyncio.Future[None]:
         """Append envelopes (at most ``max_batch``) once there is room; the future resolves
         when Redis has them. Waiting only for room lets a caller keep several in flight."""
-        while (fut := self._offer(envelopes)) is None:
+        while (fut := self._offer(envelopes, wait)) is None:
             self._space.clear()
             await self._space.wait()
         return fut
 
-    def _offer(self, envelopes: list[bytes]) -> asyncio.Future[None] | None:
+    def _offer(self, envelopes: list[bytes], wait: Wait | None = None) -> asyncio.Future[None] | None:
         """Buffer envelopes if there is room (``None`` if not); the future resolves when
         Redis has them."""
         if self._closed:
@@ -116,39 +127,43 @@ class Producer:
             self._started = True
             self._client.start_background(self._flush_loop(), name=f"aioredmq-producer-{self._name}")
         fut: asyncio.Future[None] = loop.create_future()
-        self._buf.append((envelopes, fut))
+        self._buf.append((envelopes, fut, wait))
         self._buffered = buffered + len(envelopes)
         if not buffered:  # the first in the buffer wakes the flusher; the rest find it awake
             self._idle.clear()
             self._wake.set()
         return fut
 
-    def _next_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
+    def _next_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]], Wait | None]:
+        """The next batch; a batch waits for the most replicas any of its callers asked for."""
         envs: list[bytes] = []
         futs: list[asyncio.Future[None]] = []
         size = 0
+        replicas = timeout_ms = 0
         while self._buf:
-            group, fut = self._buf[0]
+            group, fut, wait = self._buf[0]
             if envs and (len(envs) + len(group) > self._max_batch or size > self._max_batch_bytes):
                 break
             self._buf.popleft()
             envs.extend(group)
             futs.append(fut)
             size += sum(map(len, group))
+            if wait is not None:
+                replicas, timeout_ms = max(replicas, wait[0]), max(timeout_ms, wait[1])
         self._buffered -= len(envs)
         self._space.set()
-        return envs, futs
+        return envs, futs, ((replicas, timeout_ms) if replicas else None)
 
     async def _flush_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._buf:
-                envs, futs = self._next_batch()
+                envs, futs, wait = self._next_batch()
                 error: BaseException | None = None
                 try:
                     with anyio.CancelScope(shield=True):
-                        await self._send_batch(envs)
+                        await self._send_batch(envs, wait)
                 except Exception as exc:  # every caller must hear of it, whatever it is
                     if not isinstance(exc, AioredmqError):
                         log.exception("unexpected error publishing to %s", self._name)
@@ -161,12 +176,16 @@ class Producer:
                             fut.set_exception(error)
             self._idle.set()
 
-    async def _send_batch(self, envs: list[bytes]) -> None:
+    async def _send_batch(self, envs: list[bytes], wait: Wait | None = None) -> None:
         self._seq += 1
         args = (self._seq, _SEQ_TTL_MS, *self._extra_args, *envs)
+        replicated = 0
         for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
             try:
-                reply = await self._script(self._client.redis, self._keys, args)
+                if wait is None:
+                    reply = await self._script(self._client.redis, self._keys, args)
+                else:
+                    reply, replicated = await self._script.call_and_wait(self._client.redis, self._keys, args, *wait)
             except TRANSIENT as exc:
                 if delay is None:
                     raise PublishUnconfirmedError(
@@ -189,6 +208,13 @@ class Producer:
             if dropped:
                 log.warning(
                     "%s: the length or age cap dropped %d entries that some group had not acked", self._name, dropped
+                )
+            if wait is not None and replicated < wait[0]:
+                raise NotReplicatedError(
+                    f"{len(envs)} message(s) to {self._name!r} are in Redis, but only {replicated} of {wait[0]} "
+                    f"replica(s) acknowledged them within {wait[1]} ms: a failover now could lose them "
+                    "(they may also be delivered as usual)",
+                    replicated,
                 )
             return
 
@@ -215,6 +241,17 @@ def check_encoded(
     if raws and (largest := max(map(len, raws))) > max_body_bytes:
         raise _too_large(where, largest, max_body_bytes)
     return ids, raws
+
+
+def _wait(client: Client, replicas: int, timeout_s: float) -> Wait | None:
+    """What a publish waits for beyond Redis itself: ``replicas`` acknowledgements."""
+    check_positive("replicas", replicas, integer=True, zero=True)
+    check_positive("replica_timeout_s", timeout_s)
+    if replicas and client.cluster:
+        # WAIT counts the replicas that have one connection's writes: the script and the
+        # WAIT must share a node connection, which redis-py's cluster client does not offer.
+        raise ConfigError("replicas= (WAIT) is not available on a Redis Cluster client yet; nothing was sent")
+    return (replicas, max(1, int(timeout_s * 1000))) if replicas else None
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
@@ -297,25 +334,30 @@ class Publishing(Generic[T]):
         headers: Mapping[str, str] | None = None,
         delay: float | None = None,
         at: datetime | None = None,
+        replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> str:
         """Append one message; return its id once Redis has it.
 
         With ``delay`` (seconds) or ``at`` (a timezone-aware datetime) the message waits
         in the delayed set and is delivered once due; :meth:`cancel` withdraws it until then.
-        Concurrent calls share one round trip. Raises :class:`MessageTooLargeError`
-        before sending anything, :class:`PublishUnconfirmedError` when Redis never
-        confirmed (the message may exist), :class:`ClosedError` after close.
+        Concurrent calls share one round trip. With ``replicas``, the call also waits
+        (``WAIT``, up to ``replica_timeout_s``) until that many replicas have the message,
+        and raises :class:`NotReplicatedError` if fewer did. Raises
+        :class:`MessageTooLargeError` before sending anything, :class:`PublishUnconfirmedError`
+        when Redis never confirmed (the message may exist), :class:`ClosedError` after close.
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
+        wait = _wait(self.client, replicas, replica_timeout_s)
         if self.client.tracing is not None:
             headers, span = self.client.tracing.publish(self.name, headers, 1)
             with span:
-                return await self._publish_one(body, headers, delay, at)
-        return await self._publish_one(body, headers, delay, at)
+                return await self._publish_one(body, headers, delay, at, wait)
+        return await self._publish_one(body, headers, delay, at, wait)
 
     async def _publish_one(
-        self, body: T, headers: Mapping[str, str] | None, delay: float | None, at: datetime | None
+        self, body: T, headers: Mapping[str, str] | None, delay: float | None, at: datetime | None, wait: Wait | None
     ) -> str:
         if delay is None and at is None:  # the hot path: no list, one clock read
             if headers is not None:
@@ -325,12 +367,12 @@ class Publishing(Generic[T]):
             raw = encode(message_id, 0, ms, codec.name, dict(headers) if headers else None, codec.encode(body))
             if len(raw) > self.max_body_bytes:
                 raise _too_large(repr(self.name), len(raw), self.max_body_bytes)
-            await self.producer.send([raw])
+            await self.producer.send([raw], wait)
         else:
             when = due_spec(delay, at)
             assert when is not None  # delay or at was given
             (message_id,), raws = self._encode((body,), headers)
-            await self.scheduler.send([when, raws[0]])
+            await self.scheduler.send([when, raws[0]], wait)
         if self.client.metrics is not None:
             self.client.metrics.published(self.name, 1)
         return message_id
@@ -342,24 +384,32 @@ class Publishing(Generic[T]):
         headers: Mapping[str, str] | None = None,
         delay: float | None = None,
         at: datetime | None = None,
+        replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> list[str]:
         """Append many messages in order, in as few round trips as the batch limits allow.
 
         Every body is encoded and checked before anything is sent. Chunks are buffered as
         room allows, so one is on its way while the next is queued. If an error is raised,
         chunks before the failing one may have been published. ``delay`` / ``at`` apply to
-        every message, as for :meth:`publish`.
+        every message, as for :meth:`publish`, and so do ``replicas`` / ``replica_timeout_s``.
         """
         self.client.check_open()
+        wait = _wait(self.client, replicas, replica_timeout_s)
         if self.client.tracing is not None:
             bodies = list(bodies)
             headers, span = self.client.tracing.publish(self.name, headers, len(bodies))
             with span:
-                return await self._publish_many(bodies, headers, delay, at)
-        return await self._publish_many(bodies, headers, delay, at)
+                return await self._publish_many(bodies, headers, delay, at, wait)
+        return await self._publish_many(bodies, headers, delay, at, wait)
 
     async def _publish_many(
-        self, bodies: Iterable[T], headers: Mapping[str, str] | None, delay: float | None, at: datetime | None
+        self,
+        bodies: Iterable[T],
+        headers: Mapping[str, str] | None,
+        delay: float | None,
+        at: datetime | None,
+        wait: Wait | None,
     ) -> list[str]:
         when = due_spec(delay, at)
         ids, raws = self._encode(bodies, headers)
@@ -367,7 +417,7 @@ class Publishing(Generic[T]):
         if when is not None:
             raws = [item for raw in raws for item in (when, raw)]
         chunk = max(2, min(2000, producer.max_buffered)) // 2 * 2  # never splits a pair
-        pending = [await producer.submit(raws[i : i + chunk]) for i in range(0, len(raws), chunk)]
+        pending = [await producer.submit(raws[i : i + chunk], wait) for i in range(0, len(raws), chunk)]
         outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every chunk's fate is read
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

@@ -11,10 +11,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    NoScriptError,
+)
 
 from .commands import AnyRedis
-from .errors import mapped
+from .errors import ConfigError, mapped
 
 __all__ = ("Script", "script")
 
@@ -42,6 +45,44 @@ class Script:
                 # script_load: a cluster client sends it to every master, as it must.
                 await redis.script_load(self.source)
                 return await run("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def call_and_wait(
+        self,
+        redis: AnyRedis,
+        keys: tuple[str | bytes, ...],
+        args: tuple[Any, ...] | list[Any],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        """Run the script, then ``WAIT replicas timeout_ms`` on the same connection (WAIT
+        counts the replicas that have this connection's writes): the reply, and how many
+        replicas acknowledged it."""
+        evalsha = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        with mapped(*keys):
+            for attempt in range(2):
+                reply, acked = await _on_one_connection(redis, keys[0], [evalsha, ("WAIT", replicas, timeout_ms)])
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    await redis.script_load(self.source)  # nothing ran: load it and run again
+                    continue
+                if isinstance(reply, BaseException):
+                    raise reply
+                if isinstance(acked, BaseException):
+                    raise acked
+                return reply, int(acked)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _on_one_connection(redis: AnyRedis, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one round trip on one connection; each reply, or the error it was."""
+    if isinstance(redis, RedisCluster):
+        # WAIT counts the replicas that have this connection's writes: both commands must
+        # share one node connection, which redis-py's cluster client does not offer.
+        raise ConfigError("replicas= (WAIT) is not available on a Redis Cluster client yet")
+    async with redis.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        result: list[Any] = await pipe.execute(raise_on_error=False)
+        return result
 
 
 @cache

@@ -102,6 +102,10 @@ class RedisServer:
             time.sleep(0.02)
         return self
 
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` as a dict (empty when the server does not answer)."""
+        return _info(self.port, section)
+
     def log_tail(self) -> str:
         with contextlib.suppress(OSError), open(os.path.join(self.dir, "redis.log"), "rb") as f:
             return f.read()[-2000:].decode("utf-8", "replace")

@@ -8,6 +8,8 @@
 -- (the reply to an earlier attempt was lost and the producer sent it again).
 local last = redis.call('GET', KEYS[2])
 if last and tonumber(last) >= tonumber(ARGV[1]) then
+  -- A write all the same: a WAIT after this call then also covers the earlier, applied one.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return -1
 end
 local n = #ARGV

@@ -11,6 +11,8 @@
 -- Returns the number of messages scheduled, or -1 when this batch was applied before.
 local last = redis.call('GET', KEYS[2])
 if last and tonumber(last) >= tonumber(ARGV[1]) then
+  -- A write all the same: a WAIT after this call then also covers the earlier, applied one.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return -1
 end
 local t = redis.call('TIME')

@@ -17,6 +17,8 @@ local n = 0
 if seq > 0 then
   local last = redis.call('GET', KEYS[2])
   if last and tonumber(last) >= seq then
+    -- A write all the same: a WAIT after this call then also covers the earlier, applied one.
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
     return {-1, 0}
   end
   for i = 6, #ARGV do
