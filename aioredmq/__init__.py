@@ -5,6 +5,7 @@ from .channel import Channel as Channel
 from .channel import Subscription as Subscription
 from .channel import SubscriptionStats as SubscriptionStats
 from .client import Client as Client
+from .client import Sentinels as Sentinels
 from .client import connect as connect
 from .codecs import Codec as Codec
 from .codecs import JsonCodec as JsonCodec
@@ -83,6 +84,7 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "Sentinels",
     "Service",
     "SlowSubscriberError",
     "Stream",

@@ -12,10 +12,11 @@ publish script drops a batch it already applied, settles check the in-flight lis
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, overload
 
@@ -23,6 +24,7 @@ import anyio
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from .codecs import Codec
@@ -137,6 +139,7 @@ class Client:
         self._due_watcher: DueWatcher | None = None
         self._due_lock = anyio.Lock()
         self._dedicated: set[AnyRedis] = set()
+        self._also_close: list[Redis] = []  # the sentinels' clients, with a Sentinel master
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class Client:
                 self._dedicated.clear()
                 if self._owned:
                     await _close(self.redis)
+                for other in self._also_close:
+                    await _close(other)
 
     def check_open(self) -> None:
         if self._state is _State.UNOPENED:
@@ -484,8 +489,22 @@ def _once(cache: dict[str, S], made: S) -> S:
     return existing
 
 
+@dataclasses.dataclass(frozen=True)
+class Sentinels:
+    """Where to find a master through Redis Sentinel: ``connect(Sentinels("mymaster",
+    [("10.0.0.1", 26379), ...]))``. Connections go to the master the sentinels report,
+    and to the new one after a failover. ``password``/``username`` are the master's;
+    ``sentinel_password`` the sentinels' own, if they have one."""
+
+    service: str
+    addresses: Sequence[tuple[str, int]]
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
 def connect(
-    url_or_client: str | AnyRedis,
+    url_or_client: str | AnyRedis | Sentinels,
     *,
     prefix: str = "aioredmq",
     socket_timeout_s: float = 10.0,
@@ -502,6 +521,29 @@ def connect(
     used as it is (including its retry policy) and stays open after ``mq`` closes.
     ``metrics`` and ``tracing`` receive what the library does (see :mod:`aioredmq.observe`).
     """
+    if isinstance(url_or_client, Sentinels):
+        s = url_or_client
+        if not s.addresses:
+            raise ConfigError("Sentinels needs at least one sentinel address")
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(s.addresses),
+            socket_timeout=connect_timeout_s,
+            sentinel_kwargs={"password": s.sentinel_password, "socket_timeout": connect_timeout_s},
+        )
+        master = sentinel.master_for(
+            s.service,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            max_connections=max_connections,
+            retry=_no_retry(),
+            retry_on_error=[],
+            username=s.username,
+            password=s.password,
+        )
+        master.connection_pool.connection_class = _fast(master.connection_pool.connection_class)
+        client = Client(master, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)
+        client._also_close.extend(sentinel.sentinels)
+        return client
     if isinstance(url_or_client, RedisCluster):
         if url_or_client.connection_kwargs.get("decode_responses"):
             raise ConfigError(

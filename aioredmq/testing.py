@@ -18,7 +18,7 @@ import tempfile
 import time
 from types import TracebackType
 
-__all__ = ("RedisClusterServers", "RedisServer", "free_port")
+__all__ = ("RedisClusterServers", "RedisSentinelServers", "RedisServer", "free_port")
 
 
 def free_port() -> int:
@@ -233,6 +233,89 @@ class RedisClusterServers:
             server.stop()
 
     def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisSentinelServers:
+    """``with RedisSentinelServers() as s: s.sentinels``: a throwaway master, one replica
+    and three sentinels watching them as ``service``, each sentinel with its own writable
+    config file; a master that stops answering for ``down_after_ms`` is failed over."""
+
+    def __init__(self, service: str = "aioredmq", *, down_after_ms: int = 1000) -> None:
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.master = RedisServer("--repl-diskless-sync-delay", "0")
+        self.replica: RedisServer | None = None
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+        self._dir = ""
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    def start(self, timeout_s: float = 30.0) -> RedisSentinelServers:
+        try:
+            self.master.start()
+            self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port)).start()
+            self._dir = tempfile.mkdtemp(prefix="aioredmq-sentinel-")
+            for port in self.sentinel_ports:
+                conf = os.path.join(self._dir, f"sentinel-{port}.conf")
+                with open(conf, "w") as f:
+                    f.write(
+                        f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
+                        f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                        f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                        f"sentinel failover-timeout {self.service} 5000\n"
+                        f"sentinel parallel-syncs {self.service} 1\n"
+                    )
+                command = [shutil.which("redis-server") or "redis-server", conf, "--sentinel"]
+                with open(os.path.join(self._dir, f"sentinel-{port}.log"), "wb") as log:
+                    self._sentinels.append(subprocess.Popen(command, stdout=log, stderr=log))
+            deadline = time.monotonic() + timeout_s
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the sentinels did not come up watching a linked master and replica")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.replica is not None
+        if self.replica.info("replication").get("master_link_status") != "up":
+            return False
+        for port in self.sentinel_ports:
+            info = _info(port, "sentinel")
+            if "master0" not in info or "status=ok" not in info["master0"] or "slaves=1" not in info["master0"]:
+                return False
+            if "sentinels=3" not in info["master0"]:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for proc in self._sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self._sentinels.clear()
+        for server in (self.master, self.replica):
+            if server is not None:
+                server.stop()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = ""
+
+    def __enter__(self) -> RedisSentinelServers:
         return self.start()
 
     def __exit__(

@@ -4,7 +4,6 @@ failover in the middle of a run. Marked ``cluster``: ``pytest -m cluster`` selec
 from __future__ import annotations
 
 import signal
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 import aioredmq
 from aioredmq.testing import RedisClusterServers
 
+from .failover import run_through
 from .helpers import wait_for
 from .ledger import report
 
@@ -105,57 +105,16 @@ async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s() -> Non
             await mq.redis.initialize()  # the slot map
             owner = _owner(mq.redis, q.keys.ready)
             (master,) = [s for s in cluster.servers if s.port == owner.port]
-            confirmed: set[int] = set()
-            handled: dict[int, float] = {}
-            stop = anyio.Event()
-            killed_at = 0.0
-
-            sent = 0
-
-            async def publish_one(n: int) -> None:
-                try:
-                    await q.publish({"n": n})
-                    confirmed.add(n)
-                except aioredmq.AioredmqError:
-                    pass  # unconfirmed: may or may not exist
-
-            async def produce() -> None:
-                # One publish every 10 ms, each on its own: one waiting out a retry
-                # backoff during the failover does not hold back the next.
-                nonlocal sent
-                async with anyio.create_task_group() as publishes:
-                    while not stop.is_set():
-                        publishes.start_soon(publish_one, sent)
-                        sent += 1
-                        await anyio.sleep(0.01)
-
-            async def handler(msg: aioredmq.Message[Any]) -> None:
-                handled.setdefault(msg.body["n"], time.monotonic())
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: mq.run(q, handler, concurrency=4))
-                tg.start_soon(produce)
-                await wait_for(lambda: len(handled) >= 50, 10, "traffic before the kill")
-                master.kill(signal.SIGKILL)
-                killed_at = time.monotonic()
-                first_after = sent  # sent from now on
-                await wait_for(
-                    lambda: any(n >= first_after for n in handled), 20, "consumption of a message sent after the kill"
-                )
-                resumed_s = min(t for n, t in handled.items() if n >= first_after) - killed_at
-                stop.set()
-                await anyio.sleep(1.0)
-                tg.cancel_scope.cancel()
-    lost = sorted(confirmed - set(handled))
+            run = await run_through(mq, q, lambda: master.kill(signal.SIGKILL), replicas=lambda n: 0)
     report(
         "cluster: the master of a queue SIGKILLed mid-run",
-        len(confirmed),
-        lost=len(lost),
-        recovery_s=resumed_s,
+        len(run.confirmed),
+        lost=len(run.lost),
+        recovery_s=run.resumed_s,
         faults="master SIGKILL, replica promoted (node timeout 1 s); asynchronous replication: "
         "the loss window is what the replica had not received",
     )
-    assert resumed_s < 5.0, f"consumption resumed only after {resumed_s:.1f} s"
+    assert run.resumed_s < 5.0, f"consumption resumed only after {run.resumed_s:.1f} s"
 
 
 async def test_replicated_durability_is_refused_on_a_cluster_for_now(cmq: aioredmq.Client) -> None:
