@@ -234,7 +234,9 @@ class Client:
         if isinstance(self.redis, RedisCluster):
             # Plain pub/sub reaches every node of a cluster: any master will do, and a
             # reconnect after a failover picks again.
-            node = random.choice(self.redis.get_primaries())
+            # Before its first command a cluster client knows only its startup nodes.
+            nodes = self.redis.get_primaries() or list(self.redis.nodes_manager.startup_nodes.values())
+            node = random.choice(nodes)
             node_conn: AbstractConnection = node.connection_class(**{**node.connection_kwargs, "socket_timeout": None})
             return node_conn
         pool = self.redis.connection_pool

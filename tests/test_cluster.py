@@ -120,3 +120,13 @@ async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s() -> Non
 async def test_replicated_durability_is_refused_on_a_cluster_for_now(cmq: aioredmq.Client) -> None:
     with pytest.raises(aioredmq.ConfigError, match="not available on a Redis Cluster"):
         await cmq.queue("c-durable").publish({"n": 1}, replicas=1)
+
+
+async def test_a_channel_reaches_its_subscribers_on_a_cluster(cmq: aioredmq.Client) -> None:
+    """Plain pub/sub: a message published through any node reaches every node's subscribers."""
+    channel = cmq.channel("c-news")
+    async with channel.subscribe() as first, cmq.subscribe("c-news") as second:
+        await channel.publish({"headline": "cluster"})
+        with anyio.fail_after(5):
+            got = [(await first.__anext__()).body, (await second.__anext__()).body]
+    assert got == [{"headline": "cluster"}] * 2
