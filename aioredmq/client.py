@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, overload
 
@@ -269,39 +269,20 @@ class Client:
     @overload
     def queue(self, name: str, *, body: None = None, **options: Unpack[QueueOptions]) -> Queue[Any]: ...
 
-    def queue(
-        self,
-        name: str,
-        *,
-        codec: str | Codec = "json",
-        retry: RetryPolicy | None = None,
-        lease_s: float = 30.0,
-        max_body_bytes: int = 16 * 1024 * 1024,
-        max_buffered: int = 10_000,
-        body: type[Any] | None = None,
-    ) -> Queue[Any]:
+    def queue(self, name: str, *, body: type[Any] | None = None, **options: Unpack[QueueOptions]) -> Queue[Any]:
         """The reliable list queue ``name``. The same name gives the same object.
 
-        ``lease_s``: how long a consumer that stopped heartbeating keeps its messages
-        before another consumer recovers them. ``max_buffered``: messages a producer
-        holds before ``publish()`` waits. ``max_body_bytes``: the largest encoded
-        message ``publish()`` accepts. ``body``: a dataclass, pydantic model or msgspec
-        Struct that every body is (see :mod:`aioredmq.typed`).
+        ``lease_s`` (30): how long a consumer that stopped heartbeating keeps its messages
+        before another consumer recovers them. ``max_buffered`` (10,000): messages a
+        producer holds before ``publish()`` waits. ``max_body_bytes`` (16 MiB): the largest
+        encoded message ``publish()`` accepts. ``codec`` ("json"), ``retry``
+        (``RetryPolicy()``). ``body``: a dataclass, pydantic model or msgspec Struct that
+        every body is (see :mod:`aioredmq.typed`).
         """
         from .queue import Queue
 
         self.check_open()
-        q: Queue[Any] = Queue(
-            self,
-            name,
-            body=body,
-            codec=codec,
-            retry=retry or RetryPolicy(),
-            lease_s=lease_s,
-            max_body_bytes=max_body_bytes,
-            max_buffered=max_buffered,
-        )
-        return _once(self._queues, q)
+        return _once(self._queues, Queue(self, name, body=body, **_settings(options)))
 
     @overload
     def stream(self, name: str, *, body: type[T], **options: Unpack[StreamOptions]) -> Stream[T]: ...
@@ -309,44 +290,20 @@ class Client:
     @overload
     def stream(self, name: str, *, body: None = None, **options: Unpack[StreamOptions]) -> Stream[Any]: ...
 
-    def stream(
-        self,
-        name: str,
-        *,
-        codec: str | Codec = "json",
-        retry: RetryPolicy | None = None,
-        lease_s: float = 30.0,
-        max_body_bytes: int = 16 * 1024 * 1024,
-        max_buffered: int = 10_000,
-        maxlen: int | None = None,
-        max_age_s: float | None = None,
-        trim_acked: bool = False,
-        body: type[Any] | None = None,
-    ) -> Stream[Any]:
+    def stream(self, name: str, *, body: type[Any] | None = None, **options: Unpack[StreamOptions]) -> Stream[Any]:
         """The stream ``name``, read by consumer groups. The same name gives the same object.
 
-        ``maxlen`` / ``max_age_s`` trim approximately on publish; with ``trim_acked`` the
-        stream instead drops exactly what every group has acked, and the two become hard
-        caps whose drops of un-acked entries are counted. ``lease_s`` is how long an entry
-        may sit idle with a consumer that stopped renewing it before another one takes it.
+        The options of :meth:`queue`, and: ``maxlen`` / ``max_age_s`` trim approximately
+        on publish; with ``trim_acked`` the stream instead drops exactly what every group
+        has acked, and the two become hard caps whose drops of un-acked entries are
+        counted. ``lease_s`` is how long an entry may sit idle with a consumer that
+        stopped renewing it before another one takes it.
         """
         from .stream import Stream
 
         self.check_open()
-        s: Stream[Any] = Stream(
-            self,
-            name,
-            body=body,
-            codec=codec,
-            retry=retry or RetryPolicy(),
-            lease_s=lease_s,
-            max_body_bytes=max_body_bytes,
-            max_buffered=max_buffered,
-            maxlen=maxlen,
-            max_age_s=max_age_s,
-            trim_acked=trim_acked,
-        )
-        return _once(self._streams, s)
+        settings = _settings(options, maxlen=None, max_age_s=None, trim_acked=False)
+        return _once(self._streams, Stream(self, name, body=body, **settings))
 
     @overload
     def partitioned(
@@ -359,36 +316,17 @@ class Client:
     ) -> PartitionedQueue[Any]: ...
 
     def partitioned(
-        self,
-        name: str,
-        *,
-        partitions: int = 16,
-        codec: str | Codec = "json",
-        retry: RetryPolicy | None = None,
-        lease_s: float = 30.0,
-        max_body_bytes: int = 16 * 1024 * 1024,
-        max_buffered: int = 10_000,
-        body: type[Any] | None = None,
+        self, name: str, *, body: type[Any] | None = None, **options: Unpack[PartitionedOptions]
     ) -> PartitionedQueue[Any]:
-        """The partitioned queue ``name``: per-key ordering over ``partitions`` list queues,
-        each held by one consumer at a time. Every producer and consumer must agree on
-        ``partitions``: changing it moves keys to other partitions. ``lease_s`` also bounds
-        how long a crashed consumer's partitions wait before another takes them."""
+        """The partitioned queue ``name``: per-key ordering over ``partitions`` (16) list
+        queues, each held by one consumer at a time, with the options of :meth:`queue`.
+        Every producer and consumer must agree on ``partitions``: changing it moves keys to
+        other partitions. ``lease_s`` also bounds how long a crashed consumer's partitions
+        wait before another takes them."""
         from .partitioned import PartitionedQueue
 
         self.check_open()
-        pq: PartitionedQueue[Any] = PartitionedQueue(
-            self,
-            name,
-            body=body,
-            partitions=partitions,
-            codec=codec,
-            retry=retry or RetryPolicy(),
-            lease_s=lease_s,
-            max_body_bytes=max_body_bytes,
-            max_buffered=max_buffered,
-        )
-        return _once(self._partitioned, pq)
+        return _once(self._partitioned, PartitionedQueue(self, name, body=body, **_settings(options, partitions=16)))
 
     def channel(
         self, name: str, *, codec: str | Codec = "json", max_body_bytes: int = 16 * 1024 * 1024
@@ -479,6 +417,25 @@ async def _close(redis: AnyRedis) -> None:
         await redis.aclose()
     else:
         await redis.aclose(close_connection_pool=True)
+
+
+_QUEUE_DEFAULTS: dict[str, Any] = {
+    "codec": "json",
+    "retry": None,
+    "lease_s": 30.0,
+    "max_body_bytes": 16 * 1024 * 1024,
+    "max_buffered": 10_000,
+}
+
+
+def _settings(options: Mapping[str, Any], **more_defaults: Any) -> dict[str, Any]:
+    """A transport's settings: the queue defaults (and ``more_defaults``), then ``options``."""
+    unknown = set(options) - set(_QUEUE_DEFAULTS) - set(more_defaults)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    settings = {**_QUEUE_DEFAULTS, **more_defaults, **options}
+    settings["retry"] = settings["retry"] or RetryPolicy()
+    return settings
 
 
 def _once(cache: dict[str, S], made: S) -> S:
