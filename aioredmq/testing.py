@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from types import TracebackType
+from typing import Self
 
 __all__ = ("RedisClusterServers", "RedisSentinelServers", "RedisServer", "free_port")
 
@@ -56,7 +57,28 @@ def _ping(port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-class RedisServer:
+class _Started:
+    """``with server:`` starts it and stops it."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_Started):
     """``with RedisServer() as server: server.url``. Extra ``redis-server`` options as
     ``("--appendonly", "yes")`` pairs in ``args``."""
 
@@ -71,7 +93,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0) -> Self:
         path = shutil.which(self.executable)
         if path is None:
             raise RuntimeError(f"{self.executable} not found: install it (Debian: apt-get install redis-server)")
@@ -131,17 +153,6 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = ""
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _info(port: int, section: str, timeout_s: float = 0.5) -> dict[str, str]:
     """``INFO section`` of the server on ``port`` as a dict (empty when it does not answer)."""
@@ -164,7 +175,7 @@ def _info(port: int, section: str, timeout_s: float = 0.5) -> dict[str, str]:
     return dict(line.split(":", 1) for line in lines if ":" in line)
 
 
-class RedisClusterServers:
+class RedisClusterServers(_Started):
     """``with RedisClusterServers() as cluster: cluster.url``: a throwaway cluster on
     loopback, ``masters`` masters with one replica each, ready once every slot is served
     and every replica's link to its master is up (a master killed before that would never
@@ -186,7 +197,7 @@ class RedisClusterServers:
     def ports(self) -> list[int]:
         return [s.port for s in self.servers]
 
-    def start(self, timeout_s: float = 30.0) -> RedisClusterServers:
+    def start(self, timeout_s: float = 30.0) -> Self:
         try:
             for server in self.servers:
                 server.start()
@@ -232,19 +243,8 @@ class RedisClusterServers:
         for server in self.servers:
             server.stop()
 
-    def __enter__(self) -> RedisClusterServers:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class RedisSentinelServers:
+class RedisSentinelServers(_Started):
     """``with RedisSentinelServers() as s: s.sentinels``: a throwaway master, one replica
     and three sentinels watching them as ``service``, each sentinel with its own writable
     config file; a master that stops answering for ``down_after_ms`` is failed over."""
@@ -262,7 +262,7 @@ class RedisSentinelServers:
     def sentinels(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", port) for port in self.sentinel_ports]
 
-    def start(self, timeout_s: float = 30.0) -> RedisSentinelServers:
+    def start(self, timeout_s: float = 30.0) -> Self:
         try:
             self.master.start()
             self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port)).start()
@@ -314,14 +314,3 @@ class RedisSentinelServers:
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = ""
-
-    def __enter__(self) -> RedisSentinelServers:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
