@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from . import ops
 from .client import Client, connect
 from .config import RetryPolicy
+from .errors import AioredmqError
 from .message import Message
 from .partitioned import PartitionedQueue
 from .queue import Queue
@@ -390,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(command(args))
     except KeyboardInterrupt:
         return 130
+    except AioredmqError as exc:  # a wrong name, group or URL: say what, without a traceback
+        print(f"aioredmq {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ from typing import Any
 from .client import Client
 from .commands import execute
 from .envelope import DeadRecord, decode
-from .errors import ConfigError, DecodeError
+from .errors import ConfigError, DecodeError, mapped
 from .queue import Queue
 from .stream import Stream
 
@@ -32,19 +32,15 @@ class Found:
 
 
 async def discover(mq: Client) -> list[Found]:
-    """Every queue and stream with keys under the prefix, by name (SCAN: it never blocks Redis)."""
+    """Every queue and stream with keys under the prefix, by name (SCAN: it never blocks
+    Redis; on a cluster, every master's keys)."""
     found: dict[str, str] = {}
-    cursor: Any = 0
-    pattern = f"{mq.prefix}:{{*}}:*"
-    while True:
-        cursor, keys = await execute(mq.redis, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-        for key in keys:
-            m = _NAME.search(key.decode("utf-8", "replace"))
+    with mapped():
+        async for key in mq.redis.scan_iter(match=f"{mq.prefix}:{{*}}:*", count=1000):
+            m = _NAME.search(key.decode("utf-8", "replace") if isinstance(key, bytes) else key)
             if m is not None:
                 name, suffix = m.groups()
                 found[name] = "stream" if suffix == "stream" or found.get(name) == "stream" else "queue"
-        if int(cursor) == 0:
-            break
     return [Found(kind, name) for name, kind in sorted(found.items())]
 
 

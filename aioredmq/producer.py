@@ -95,9 +95,8 @@ class Producer:
         self._space = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._started = False
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set when the flusher starts
 
     async def send(self, envelopes: list[bytes], wait: Wait | None = None) -> None:
         """Append envelopes (at most ``max_batch``) and wait until Redis has them (and,
@@ -124,7 +123,6 @@ class Producer:
         loop = self._loop
         if loop is None:
             self._loop = loop = asyncio.get_running_loop()
-            self._started = True
             self._client.start_background(self._flush_loop(), name=f"aioredmq-producer-{self._name}")
         fut: asyncio.Future[None] = loop.create_future()
         self._buf.append((envelopes, fut, wait))
@@ -224,7 +222,7 @@ class Producer:
             return
         self._closed = True
         self._space.set()
-        if self._started:
+        if self._loop is not None:  # the flusher runs
             await self._idle.wait()
 
 
@@ -302,8 +300,6 @@ class Publishing(Generic[T]):
         self.client = client
         self.name = name
         self.codec = typed_codec(get_codec(codec), body)
-        self.body_type = body
-        """The body type the queue was declared with (``None``: whatever the codec reads)."""
         self.retry = retry
         self.lease_s = float(lease_s)
         self.max_body_bytes = max_body_bytes

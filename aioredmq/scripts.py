@@ -17,7 +17,7 @@ from redis.exceptions import (
 )
 
 from .commands import AnyRedis
-from .errors import ConfigError, mapped
+from .errors import mapped
 
 __all__ = ("Script", "script")
 
@@ -74,10 +74,9 @@ class Script:
 
 async def _on_one_connection(redis: AnyRedis, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one round trip on one connection; each reply, or the error it was."""
-    if isinstance(redis, RedisCluster):
-        # WAIT counts the replicas that have this connection's writes: both commands must
-        # share one node connection, which redis-py's cluster client does not offer.
-        raise ConfigError("replicas= (WAIT) is not available on a Redis Cluster client yet")
+    # A cluster client offers no way to keep two commands on one node connection:
+    # publish() refuses replicas= there before anything reaches this point.
+    assert not isinstance(redis, RedisCluster), "replicas= on a cluster is refused by publish()"
     async with redis.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)

@@ -105,3 +105,19 @@ async def test_bench_compares_with_raw_redis_py_in_the_same_run(redis_url: str) 
     assert set(data["median_msg_per_s"]) == {"raw publish", "raw consume", "publish", "consume"}
     assert all(v > 0 for v in data["median_msg_per_s"].values())
     assert data["vs_raw"]["end_to_end"] > 0
+
+
+async def test_a_group_where_none_applies_or_none_where_one_must_is_a_clear_error(
+    mq: aioredmq.Client, redis_url: str
+) -> None:
+    await mq.queue("plain").publish(1)
+    await mq.stream("grouped").publish(1)
+    for args, why in (
+        (("dead", "list", "plain", "--group", "g"), "is a queue: it has no groups"),
+        (("dead", "list", "grouped"), "is a stream: say which group"),
+        (("peek", "grouped", "--group", "nope"), "has no group 'nope'"),
+    ):
+        done = await cli(*args, "--url", redis_url, check=False)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert why in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

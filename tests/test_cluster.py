@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import aioredmq
+from aioredmq import ops
 from aioredmq.testing import RedisClusterServers
 
 from .failover import run_through
@@ -130,3 +131,16 @@ async def test_a_channel_reaches_its_subscribers_on_a_cluster(cmq: aioredmq.Clie
         with anyio.fail_after(5):
             got = [(await first.__anext__()).body, (await second.__anext__()).body]
     assert got == [{"headline": "cluster"}] * 2
+
+
+async def test_stats_find_the_queues_and_streams_on_every_master(cmq: aioredmq.Client) -> None:
+    names = [f"c-find-{i}" for i in range(8)]
+    for name in names:
+        await cmq.queue(name).publish(1)
+    await cmq.stream("c-find-s").publish(1)
+    assert isinstance(cmq.redis, RedisCluster)
+    masters = {_owner(cmq.redis, cmq.queue(n).keys.ready).name for n in names}
+    assert len(masters) > 1, "the queues must live on several masters for this to prove anything"
+    found = {f.name: f.kind for f in await ops.discover(cmq)}
+    assert {n: found.get(n) for n in names} == dict.fromkeys(names, "queue")
+    assert found["c-find-s"] == "stream"

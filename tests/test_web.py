@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
@@ -215,3 +216,22 @@ async def test_a_service_that_cannot_start_closes_what_it_opened(redis_url: str)
     assert not service.running
     with pytest.raises(aioredmq.ClosedError, match="not running"):
         service.client  # noqa: B018 - the property raises
+
+
+async def test_a_runner_that_stops_on_an_error_is_logged_and_the_service_still_stops(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def noop(msg: aioredmq.Message[Any]) -> None:
+        pass
+
+    async with aioredis.Redis.from_url(redis_url) as raw:
+        await raw.set("aioredmq:{wrong-type}:ready", "a string, not a list")
+    service = aioredmq.Service(redis_url)
+    service.add(lambda mq: mq.queue("wrong-type"), noop)
+    with caplog.at_level(logging.ERROR, logger="aioredmq.service"):
+        await service.start()
+        await wait_for(lambda: any("runner stopped" in r.getMessage() for r in caplog.records), 10, "the log")
+    assert any(isinstance(r.exc_info[1], aioredmq.WrongTypeError) for r in caplog.records if r.exc_info)
+    assert service.running, "the app keeps running without that consumer"
+    await service.stop()
+    assert not service.running
