@@ -9,7 +9,8 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     ├── RedisError                           the server or the link to it failed
     │   ├── ConnectionLostError              could not connect, or the link broke mid-command
     │   ├── RedisTimeoutError                the server did not answer within the socket timeout
-    │   ├── UnavailableError                 the server refused for now (LOADING, BUSY, READONLY, ...)
+    │   ├── UnavailableError                 the server refused for now (LOADING, BUSY, READONLY,
+    │   │                                    or a cluster slot moving / failing over)
     │   ├── WrongTypeError                   a key holds another Redis type; the message names it
     │   ├── ClusterError                     Redis Cluster refused or could not route a command
     │   └── ResponseError                    any other error reply
@@ -137,6 +138,10 @@ class MessageStateError(AioredmqError):
     """The message was already acked, nacked or dead-lettered."""
 
 
+# Cluster replies (redis-py strips their first word) that nothing ran: the same command
+# succeeds once the client has the new slot map, or once the failover is over.
+_CLUSTER_IN_MOTION = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+
 # What a retry can cure: the link failed, the answer came late, or the server said "not now".
 TRANSIENT: tuple[type[AioredmqError], ...] = (ConnectionLostError, RedisTimeoutError, UnavailableError)
 
@@ -150,6 +155,8 @@ def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> Aior
         return RedisTimeoutError(f"Redis did not answer in time{where}: {exc}")
     if isinstance(exc, rex.ConnectionError):
         return ConnectionLostError(f"lost the connection to Redis{where}: {exc}")
+    if isinstance(exc, _CLUSTER_IN_MOTION):
+        return UnavailableError(f"Redis Cluster is moving the slot or failing over{where}: {type(exc).__name__} {exc}")
     text = str(exc)
     if isinstance(exc, rex.ResponseError) and text.split(" ", 1)[0] in _UNAVAILABLE:
         return UnavailableError(f"Redis refused for now{where}: {text}")

@@ -241,14 +241,10 @@ def check_encoded(
     return ids, raws
 
 
-def _wait(client: Client, replicas: int, timeout_s: float) -> Wait | None:
+def _wait(replicas: int, timeout_s: float) -> Wait | None:
     """What a publish waits for beyond Redis itself: ``replicas`` acknowledgements."""
     check_positive("replicas", replicas, integer=True, zero=True)
     check_positive("replica_timeout_s", timeout_s)
-    if replicas and client.cluster:
-        # WAIT counts the replicas that have one connection's writes: the script and the
-        # WAIT must share a node connection, which redis-py's cluster client does not offer.
-        raise ConfigError("replicas= (WAIT) is not available on a Redis Cluster client yet; nothing was sent")
     return (replicas, max(1, int(timeout_s * 1000))) if replicas else None
 
 
@@ -345,7 +341,7 @@ class Publishing(Generic[T]):
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
-        wait = _wait(self.client, replicas, replica_timeout_s)
+        wait = _wait(replicas, replica_timeout_s)
         if self.client.tracing is not None:
             headers, span = self.client.tracing.publish(self.name, headers, 1)
             with span:
@@ -391,7 +387,7 @@ class Publishing(Generic[T]):
         every message, as for :meth:`publish`, and so do ``replicas`` / ``replica_timeout_s``.
         """
         self.client.check_open()
-        wait = _wait(self.client, replicas, replica_timeout_s)
+        wait = _wait(replicas, replica_timeout_s)
         if self.client.tracing is not None:
             bodies = list(bodies)
             headers, span = self.client.tracing.publish(self.name, headers, len(bodies))

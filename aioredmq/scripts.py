@@ -13,7 +13,13 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
     NoScriptError,
+    TimeoutError,
+    TryAgainError,
 )
 
 from .commands import AnyRedis
@@ -73,15 +79,37 @@ class Script:
 
 
 async def _on_one_connection(redis: AnyRedis, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` in one round trip on one connection; each reply, or the error it was."""
-    # A cluster client offers no way to keep two commands on one node connection:
-    # publish() refuses replicas= there before anything reaches this point.
-    assert not isinstance(redis, RedisCluster), "replicas= on a cluster is refused by publish()"
+    """Send ``commands`` in one round trip on one connection (on a cluster: one connection
+    to the master that owns ``key``); each reply, or the error it was."""
+    if isinstance(redis, RedisCluster):
+        return await _on_one_node(redis, key, commands)
     async with redis.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)
         result: list[Any] = await pipe.execute(raise_on_error=False)
         return result
+
+
+# Replies that mean the slot map is out of date: the master is gone or the slot moved.
+_STALE_ROUTE = (ConnectionError, TimeoutError, MovedError, AskError, ClusterDownError, TryAgainError)
+
+
+async def _on_one_node(redis: RedisCluster, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
+    # A cluster pipeline sends the commands it holds for one node on one connection.
+    # Every command names the node, so a keyless one (WAIT) goes where the key lives.
+    # No redirections and no retries inside: WAIT on another connection than the write
+    # would count nothing. A reply that says the route is stale refreshes the slot map
+    # and is returned as the error it was, so the caller's retry goes to the new owner.
+    await redis.initialize()  # a no-op once the slot map is known
+    node = redis.get_node_from_key(key if isinstance(key, str) else key.decode())
+    assert node is not None  # None only when asked for a replica
+    pipe = redis.pipeline()
+    for command in commands:
+        pipe.execute_command(*command, target_nodes=node)
+    result: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
+    if any(isinstance(reply, _STALE_ROUTE) for reply in result):
+        await redis.nodes_manager.initialize()
+    return result
 
 
 @cache

@@ -106,21 +106,55 @@ async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s() -> Non
             await mq.redis.initialize()  # the slot map
             owner = _owner(mq.redis, q.keys.ready)
             (master,) = [s for s in cluster.servers if s.port == owner.port]
-            run = await run_through(mq, q, lambda: master.kill(signal.SIGKILL), replicas=lambda n: 0)
+            run = await run_through(mq, q, lambda: master.kill(signal.SIGKILL), replicas=lambda n: 1 if n < 100 else 0)
+    durable_lost = sorted(n for n in run.lost if n < 100)
     report(
         "cluster: the master of a queue SIGKILLed mid-run",
         len(run.confirmed),
         lost=len(run.lost),
         recovery_s=run.resumed_s,
-        faults="master SIGKILL, replica promoted (node timeout 1 s); asynchronous replication: "
-        "the loss window is what the replica had not received",
+        faults=f"master SIGKILL, replica promoted (node timeout 1 s); {len(durable_lost)} lost of the first 100, "
+        "sent with replicas=1",
     )
+    assert not durable_lost, f"publishes a replica acknowledged were lost: {durable_lost}"
     assert run.resumed_s < 5.0, f"consumption resumed only after {run.resumed_s:.1f} s"
 
 
-async def test_replicated_durability_is_refused_on_a_cluster_for_now(cmq: aioredmq.Client) -> None:
-    with pytest.raises(aioredmq.ConfigError, match="not available on a Redis Cluster"):
-        await cmq.queue("c-durable").publish({"n": 1}, replicas=1)
+async def test_replicated_durability_waits_for_the_replica_of_the_queues_own_master(
+    cmq: aioredmq.Client, cluster: RedisClusterServers
+) -> None:
+    """WAIT counts the replicas that have the writes of the connection it runs on, so it
+    must follow the write to the master that owns the queue. A replica that stops makes
+    that queue's publish fail (a WAIT on any other connection would count it at once)
+    and leaves a queue on another master alone."""
+    assert isinstance(cmq.redis, RedisCluster)
+    await cmq.redis.initialize()  # the slot map
+    names = [f"c-durable-{i}" for i in range(12)]
+    by_master = {_owner(cmq.redis, cmq.queue(n).keys.ready).name: n for n in names}
+    assert len(by_master) >= 2, by_master
+    stalled_name, other_name = list(by_master.values())[:2]
+    stalled_q, other_q = cmq.queue(stalled_name), cmq.queue(other_name)
+    for q in (stalled_q, other_q):
+        await q.publish({"n": 0}, replicas=1)
+        assert len(await q.publish_many([{"n": i} for i in range(1, 20)], replicas=1)) == 19
+        with pytest.raises(aioredmq.NotReplicatedError) as too_many:
+            await q.publish({"n": 20}, replicas=2, replica_timeout_s=0.1)
+        assert too_many.value.replicated == 1  # one replica per master
+    owner = _owner(cmq.redis, stalled_q.keys.ready).port
+    (server,) = [s for s in cluster.servers if s.info("replication").get("master_port") == str(owner)]
+    server.kill(signal.SIGSTOP)  # it stops acknowledging (well inside the 1 s node timeout)
+    try:
+        with pytest.raises(aioredmq.NotReplicatedError, match="only 0 of 1 replica"):
+            await stalled_q.publish({"n": 21}, replicas=1, replica_timeout_s=0.2)
+        await other_q.publish({"n": 21}, replicas=1, replica_timeout_s=0.2)
+    finally:
+        server.kill(signal.SIGCONT)
+    await stalled_q.publish({"n": 22}, replicas=1)
+    # Not replicated in time is not lost: the message is in Redis.
+    assert (await stalled_q.stats()).ready == 23
+    stream = cmq.stream("c-durable-s")
+    await stream.publish({"n": 1}, replicas=1)
+    assert (await stream.stats()).length == 1
 
 
 async def test_a_channel_reaches_its_subscribers_on_a_cluster(cmq: aioredmq.Client) -> None:
