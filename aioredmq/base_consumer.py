@@ -307,7 +307,7 @@ class BaseConsumer(Generic[T]):
 
     async def _pause_after_failure(self, what: str, exc: AioredmqError, failures: int) -> None:
         self.stats.connection_errors += 1
-        delay = min(0.05 * 2**failures, 0.5)  # short: a failover is over in seconds
+        delay = min(0.05 * 2**failures, 0.2)  # short: a failover is over in seconds
         log.warning("consumer %s: %s failed (%s); retrying in %.2fs", self.name, what, exc, delay)
         await anyio.sleep(delay)
 

@@ -52,7 +52,9 @@ log = logging.getLogger("aioredmq.producer")
 
 _SEQ_TTL_MS = 24 * 3600 * 1000
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{1,64}$")
-_RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5)  # 3.25 s in all; never idle over 0.5 s
+# 3.15 s in all, longer than a failover with 1 s timeouts takes; never idle over 0.2 s, so
+# a batch resends soon after the new master takes writes (the batches behind it wait).
+_RETRY_DELAYS_S = (0.05, 0.1, *(0.2,) * 15)
 Wait = tuple[int, int]
 """Replicas that must acknowledge a batch, and for how long to wait for them (ms)."""
 _Group = tuple[list[bytes], "asyncio.Future[None]", Wait | None]
