@@ -179,3 +179,25 @@ def mapped(*keys: str | bytes) -> Iterator[None]:
         yield
     except (rex.RedisError, rex.RedisClusterException) as exc:  # the latter is no RedisError
         raise translate(exc, keys=keys) from exc
+    except (AttributeError, TypeError) as exc:
+        if not _closed_under_the_command(exc):
+            raise
+        where = f" (keys: {', '.join(k if isinstance(k, str) else repr(k) for k in keys)})" if keys else ""
+        raise ConnectionLostError(f"the connection was closed while a command used it{where}: {exc!r}") from exc
+
+
+def _closed_under_the_command(exc: BaseException) -> bool:
+    """True for the error redis-py's asyncio connection raises when another task closed
+    it between its connected check and its write or read (the stream or transport is
+    gone: ``'NoneType' object has no attribute 'writelines'`` and the like). A cluster
+    client does that when one command's failure makes it close every node connection
+    during a failover; redis-py does not turn it into a ConnectionError (redis-py
+    issue 4287). Only errors about a missing object raised inside redis-py or asyncio
+    count, so a bug of ours or of a user's codec is never taken for a lost connection."""
+    if "'NoneType'" not in str(exc) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/redis/" in path or "/asyncio/" in path

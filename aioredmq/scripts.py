@@ -9,21 +9,24 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
     ConnectionError,
-    MovedError,
     NoScriptError,
+    ResponseError,
     TimeoutError,
     TryAgainError,
 )
 
 from .commands import AnyRedis
 from .errors import mapped
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
 
 __all__ = ("Script", "script")
 
@@ -66,7 +69,9 @@ class Script:
         evalsha = ("EVALSHA", self.sha, len(keys), *keys, *args)
         with mapped(*keys):
             for attempt in range(2):
-                reply, acked = await _on_one_connection(redis, keys[0], [evalsha, ("WAIT", replicas, timeout_ms)])
+                reply, acked = await _on_one_connection(
+                    redis, keys[0], [evalsha, ("WAIT", replicas, timeout_ms)], timeout_ms / 1000
+                )
                 if isinstance(reply, NoScriptError) and attempt == 0:
                     await redis.script_load(self.source)  # nothing ran: load it and run again
                     continue
@@ -78,38 +83,60 @@ class Script:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _on_one_connection(redis: AnyRedis, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` in one round trip on one connection (on a cluster: one connection
-    to the master that owns ``key``); each reply, or the error it was."""
-    if isinstance(redis, RedisCluster):
-        return await _on_one_node(redis, key, commands)
-    async with redis.pipeline(transaction=False) as pipe:
-        for command in commands:
-            pipe.execute_command(*command)
-        result: list[Any] = await pipe.execute(raise_on_error=False)
-        return result
-
-
 # Replies that mean the slot map is out of date: the master is gone or the slot moved.
-_STALE_ROUTE = (ConnectionError, TimeoutError, MovedError, AskError, ClusterDownError, TryAgainError)
+_STALE_ROUTE = (ConnectionError, TimeoutError, AskError, ClusterDownError, TryAgainError)
 
 
-async def _on_one_node(redis: RedisCluster, key: str | bytes, commands: list[tuple[Any, ...]]) -> list[Any]:
-    # A cluster pipeline sends the commands it holds for one node on one connection.
-    # Every command names the node, so a keyless one (WAIT) goes where the key lives.
-    # No redirections and no retries inside: WAIT on another connection than the write
-    # would count nothing. A reply that says the route is stale refreshes the slot map
-    # and is returned as the error it was, so the caller's retry goes to the new owner.
+async def _on_one_connection(
+    redis: AnyRedis, key: str | bytes, commands: list[tuple[Any, ...]], patience_s: float
+) -> list[Any]:
+    """Send ``commands`` in one round trip on one connection (on a cluster, one to the
+    master that owns ``key``) and read each reply, or the error reply it was. A reply may
+    take ``patience_s`` longer than the socket timeout (a WAIT blocks that long).
+
+    redis-py's pipelines read with the socket timeout alone, and a cluster pipeline may
+    resend a command on another connection: either would break WAIT, so this sends by
+    hand. A lost connection raises; on a cluster it first refreshes the slot map, so the
+    caller's retry goes to the new owner."""
+    if not isinstance(redis, RedisCluster):
+        pool = redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await _exchange(conn, commands, patience_s)
+        finally:
+            await pool.release(conn)
     await redis.initialize()  # a no-op once the slot map is known
     node = redis.get_node_from_key(key if isinstance(key, str) else key.decode())
     assert node is not None  # None only when asked for a replica
-    pipe = redis.pipeline()
-    for command in commands:
-        pipe.execute_command(*command, target_nodes=node)
-    result: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
-    if any(isinstance(reply, _STALE_ROUTE) for reply in result):
+    try:
+        node_conn = node.acquire_connection()
+        try:
+            replies = await _exchange(node_conn, commands, patience_s)
+        finally:
+            node.release(node_conn)
+        if any(isinstance(reply, _STALE_ROUTE) for reply in replies):
+            await redis.nodes_manager.initialize()
+    except _STALE_ROUTE:
         await redis.nodes_manager.initialize()
-    return result
+        raise
+    return replies
+
+
+async def _exchange(conn: AbstractConnection, commands: list[tuple[Any, ...]], patience_s: float) -> list[Any]:
+    timeout = None if conn.socket_timeout is None else conn.socket_timeout + patience_s
+    replies: list[Any] = []
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response(timeout=timeout))
+            except ResponseError as exc:  # an error reply: the connection is fine, read on
+                replies.append(exc)
+    except BaseException:
+        # Replies may still be on their way (a cancel, a timeout): nobody else may read them.
+        await conn.disconnect(nowait=True)
+        raise
+    return replies
 
 
 @cache

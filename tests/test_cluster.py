@@ -14,6 +14,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import aioredmq
 from aioredmq import ops
+from aioredmq.envelope import decode
 from aioredmq.testing import RedisClusterServers
 
 from .failover import run_through
@@ -178,3 +179,68 @@ async def test_stats_find_the_queues_and_streams_on_every_master(cmq: aioredmq.C
     found = {f.name: f.kind for f in await ops.discover(cmq)}
     assert {n: found.get(n) for n in names} == dict.fromkeys(names, "queue")
     assert found["c-find-s"] == "stream"
+
+
+@pytest.mark.fault
+async def test_the_loss_window_under_write_load_and_none_lost_with_replicas() -> None:
+    """Two queues on one master take batches as fast as they can, one with ``replicas=0``
+    and one with ``replicas=1``, until that master is SIGKILLed and its replica promoted.
+    Every confirmed message of the second must be on the new master; the first's loss is
+    the asynchronous-replication window, reported as messages and as milliseconds of its
+    publish rate."""
+    with RedisClusterServers() as cluster:
+        async with aioredmq.connect(cluster.url, cluster=True, socket_timeout_s=1.0) as mq:
+            assert isinstance(mq.redis, RedisCluster)
+            await mq.redis.initialize()  # the slot map
+            names: dict[str, list[str]] = {}
+            for i in range(40):
+                names.setdefault(_owner(mq.redis, f"{{c-window-{i}}}").name, []).append(f"c-window-{i}")
+            fast_name, durable_name = next(n for n in names.values() if len(n) >= 2)[:2]
+            fast, durable = mq.queue(fast_name), mq.queue(durable_name)
+            owner = _owner(mq.redis, fast.keys.ready)
+            (master,) = [s for s in cluster.servers if s.port == owner.port]
+            confirmed: dict[str, set[int]] = {fast_name: set(), durable_name: set()}
+            counter = iter(range(10**9))
+            killed = anyio.Event()
+            stop = anyio.Event()
+
+            async def load(q: aioredmq.Queue[Any], replicas: int) -> None:
+                while not stop.is_set():
+                    batch = [next(counter) for _ in range(50)]
+                    try:
+                        await q.publish_many(batch, replicas=replicas)
+                    except aioredmq.AioredmqError:
+                        await anyio.sleep(0.05)  # unconfirmed or not replicated: may or may not exist
+                        continue
+                    confirmed[q.name].update(batch)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(load, fast, 0)
+                    tg.start_soon(load, durable, 1)
+                await anyio.sleep(1.0)
+                rate = len(confirmed[fast_name]) / 1.0
+                master.kill(signal.SIGKILL)
+                killed.set()
+                before = len(confirmed[fast_name])
+                await wait_for(lambda: len(confirmed[fast_name]) > before, 10, "publishes to the promoted replica")
+                await anyio.sleep(0.5)
+                stop.set()
+            kept = {name: {int(raw) for raw in await _bodies(mq, name)} for name in confirmed}
+    lost = {name: confirmed[name] - kept[name] for name in confirmed}
+    window_ms = 1000 * len(lost[fast_name]) / rate
+    report(
+        "cluster: master SIGKILLed under write load, replicas=0 beside replicas=1",
+        len(confirmed[fast_name]) + len(confirmed[durable_name]),
+        lost=len(lost[fast_name]) + len(lost[durable_name]),
+        faults=f"replicas=0 lost {len(lost[fast_name])} of {len(confirmed[fast_name])} at {rate:,.0f} msg/s "
+        f"(a {window_ms:.1f} ms window); replicas=1 lost {len(lost[durable_name])} of {len(confirmed[durable_name])}",
+    )
+    assert not lost[durable_name], f"publishes a replica acknowledged were lost: {sorted(lost[durable_name])[:20]}"
+
+
+async def _bodies(mq: aioredmq.Client, name: str) -> list[bytes]:
+    """The bodies of every message in a queue's ready list (JSON integers here)."""
+    q = mq.queue(name)
+    raws: list[bytes] = await mq.redis.execute_command("LRANGE", q.keys.ready, 0, -1)
+    return [decode(raw).body for raw in raws]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from aioredmq import errors
@@ -37,3 +38,26 @@ def test_errors_of_ours_pass_through_unchanged() -> None:
 def test_wrong_type_says_what_to_do() -> None:
     err = errors.translate(rex.ResponseError("WRONGTYPE x"), keys=("k",))
     assert "pick another queue name or prefix" in str(err)
+
+
+async def test_a_connection_closed_under_a_command_is_a_lost_connection(redis_url: str) -> None:
+    """redis-py's asyncio connection raises AttributeError, not ConnectionError, when
+    another task closes it between its connected check and its write (a cluster client
+    closes every node connection on CLUSTERDOWN). That must read as a lost connection,
+    which publishes and consumers retry."""
+    conn = aioredis.Connection(**aioredis.from_url(redis_url).connection_pool.connection_kwargs)
+    await conn.connect()  # type: ignore[no-untyped-call]
+
+    async def closed_meanwhile() -> None:
+        await conn.disconnect(nowait=True)  # what the other task does during this await
+
+    conn.check_health = closed_meanwhile  # type: ignore[method-assign]
+    lost = pytest.raises(errors.ConnectionLostError, match="closed while a command used it")
+    with lost as info, errors.mapped("aioredmq:{q}:ready"):
+        await conn.send_command("PING")
+    assert isinstance(info.value.__cause__, AttributeError | TypeError)
+
+
+def test_other_attribute_errors_are_not_taken_for_a_lost_connection() -> None:
+    with pytest.raises(AttributeError), errors.mapped("k"):
+        None.writelines  # type: ignore[attr-defined]  # noqa: B018 - raised here, not inside redis-py

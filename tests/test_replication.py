@@ -46,9 +46,13 @@ async def test_a_publish_waits_for_its_replicas_or_says_it_could_not(
         try:
             with pytest.raises(aioredmq.NotReplicatedError, match="only 0 of 1 replica"):
                 await q.publish({"n": 51}, replicas=1, replica_timeout_s=0.2)
+            # A WAIT may block longer than the socket timeout: its reply is awaited that long.
+            async with aioredmq.connect(master.url, socket_timeout_s=0.2) as impatient:
+                with pytest.raises(aioredmq.NotReplicatedError, match="within 600 ms"):
+                    await impatient.queue("durable").publish({"n": 52}, replicas=1, replica_timeout_s=0.6)
         finally:
             replica.kill(signal.SIGCONT)
         # Not replicated in time is not lost: the messages are in Redis and delivered.
-        assert (await q.stats()).ready == 51
+        assert (await q.stats()).ready == 52
         with pytest.raises(aioredmq.ConfigError):
-            await q.publish({"n": 52}, replicas=-1)
+            await q.publish({"n": 53}, replicas=-1)
