@@ -10,6 +10,12 @@ buffered message (and marks the gap), ``"disconnect"`` ends the subscription wit
 One subscription is one connection, held in subscribed mode. Its reader task
 reconnects with backoff after any connection loss and subscribes again; a PING
 every ``keepalive_s`` finds a link that died without a reset.
+
+Sharded channels (``SPUBLISH``/``SSUBSCRIBE``, the default on a cluster) live on the
+master that owns the channel's slot: a subscription holds one connection per slot
+among its channels, and after a failover or a slot migration it resubscribes where
+the refreshed slot map says the slot now is. Plain pub/sub on a cluster copies every
+message to every node; sharded pub/sub costs only the owning shard.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 import anyio
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from .codecs import Codec, get_codec
 from .commands import execute
@@ -48,7 +56,7 @@ T = TypeVar("T")
 
 Overflow = Literal["drop_oldest", "disconnect"]
 _PATTERN = re.compile(r"^[A-Za-z0-9_.\-/:@*?\[\]^]{1,200}$")
-_MAX_BACKOFF_S = 2.0
+_MAX_BACKOFF_S = 0.5  # a failover is over in seconds
 
 
 def check_pattern(pattern: str) -> str:
@@ -86,49 +94,38 @@ class SubscriptionStats:
     gaps: int = 0
 
 
-class Subscriber:
-    """One connection kept subscribed to fixed channels and patterns (wire names).
+class _Link:
+    """One connection kept subscribed to some of a subscriber's wire names: channels and
+    patterns with plain pub/sub, or the channels of one cluster slot when sharded."""
 
-    Subclasses receive ``_on_message(wire_channel, data)``, ``_on_gap()`` and
-    ``_on_resubscribed()``; all run in
-    the reader task and must not block.
-    """
+    __slots__ = ("channels", "conn", "last_rx", "owner", "patterns", "sharded")
 
-    def __init__(
-        self, client: Client, channels: tuple[str, ...], patterns: tuple[str, ...], *, keepalive_s: float
-    ) -> None:
-        check_positive("keepalive_s", keepalive_s)
-        if not channels and not patterns:
-            raise ConfigError("subscribe to at least one channel or pattern")
-        self.client = client
-        self._channels = channels
-        self._patterns = patterns
-        self._keepalive_s = keepalive_s
-        self._conn: AbstractConnection | None = None
-        self._tasks = Tasks(on_crash=self._crashed)
-        self._state = 0  # 0 new, 1 open, 2 closed
-        self._last_rx = 0.0
-        self.stats = SubscriptionStats()
+    def __init__(self, owner: Subscriber, channels: tuple[str, ...], patterns: tuple[str, ...], sharded: bool) -> None:
+        self.owner = owner
+        self.channels = channels
+        self.patterns = patterns
+        self.sharded = sharded
+        self.conn: AbstractConnection | None = None
+        self.last_rx = 0.0
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        raise NotImplementedError
+    def names(self) -> str:
+        return ", ".join([*self.channels, *self.patterns])
 
-    def _on_gap(self) -> None:
-        """The link broke: messages may be lost until it is back (called before resubscribing)."""
-
-    def _on_resubscribed(self) -> None:
-        """Subscribed again: from here on nothing is missed."""
-
-    def _crashed(self, exc: BaseException) -> None:
-        raise NotImplementedError
-
-    async def _subscribe(self) -> AbstractConnection:
-        """A new connection, subscribed: returns once Redis confirmed every subscription."""
-        conn = self.client.connection()
+    async def subscribe(self, *, refresh: bool = False) -> AbstractConnection:
+        """A new connection, subscribed: returns once Redis confirmed every subscription.
+        ``refresh``: a sharded link first asks the cluster for its slot map again (the
+        slot may have moved, or its master failed over)."""
+        client = self.owner.client
+        key = None
+        if self.sharded and isinstance(client.redis, RedisCluster):
+            await (client.redis.nodes_manager.initialize() if refresh else client.redis.initialize())
+            key = self.channels[0]
+        conn = client.connection(key)
         try:
             # The connection has no read timeout (it waits for messages); a server that
             # accepts but never confirms must still not hang us.
-            with anyio.fail_after(min(10.0, max(1.0, 2 * self._keepalive_s))):
+            keepalive_s = self.owner._keepalive_s
+            with anyio.fail_after(min(10.0, max(1.0, 2 * keepalive_s))):
                 return await self._confirm(conn)
         except BaseException:
             await conn.disconnect(nowait=True)
@@ -136,87 +133,74 @@ class Subscriber:
 
     async def _confirm(self, conn: AbstractConnection) -> AbstractConnection:
         await conn.connect()  # type: ignore[no-untyped-call]
-        if self._channels:
-            await conn.send_command("SUBSCRIBE", *self._channels)
-        if self._patterns:
-            await conn.send_command("PSUBSCRIBE", *self._patterns)
+        if self.channels:
+            await conn.send_command("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", *self.channels)
+        if self.patterns:
+            await conn.send_command("PSUBSCRIBE", *self.patterns)
         confirmed = 0
-        while confirmed < len(self._channels) + len(self._patterns):
+        while confirmed < len(self.channels) + len(self.patterns):
             reply = await conn.read_response(push_request=True)
-            if isinstance(reply, list) and reply and reply[0] in (b"subscribe", b"psubscribe"):
+            if isinstance(reply, list) and reply and reply[0] in _CONFIRMATIONS:
                 confirmed += 1
             elif isinstance(reply, list) and len(reply) >= 3:
-                self._dispatch(reply)
-        self._last_rx = time.monotonic()
+                self.owner._dispatch(reply)
+        self.last_rx = time.monotonic()
         return conn
 
-    async def _start(self) -> None:
-        if self._state:
-            raise ClosedError("a subscription can be opened only once; subscribe again")
-        self.client.check_open()
-        self._state = 1
-        try:
-            self._conn = await self._subscribe()
-        except (rex.RedisError, OSError) as exc:
-            self._state = 2
-            raise translate(exc) from exc
-        self.client.subscribers.add(self)
-        self._tasks.spawn(self._read_loop(), "aioredmq-subscriber")
-        self._tasks.spawn(self._keepalive_loop(), "aioredmq-subscriber-keepalive")
-
-    def _dispatch(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind == b"message":
-            self._on_message(reply[1], reply[2])
-        elif kind == b"pmessage":
-            self._on_message(reply[2], reply[3])
-
-    async def _read_loop(self) -> None:
+    async def read_loop(self) -> None:
+        owner = self.owner
+        stats = owner.stats
         failures = 0
-        while self._state == 1:
-            conn = self._conn
+        while owner._state == 1:
+            conn = self.conn
             try:
                 if conn is None:
-                    self._on_gap()  # before _subscribe(): it may already dispatch messages
-                    self._conn = conn = await self._subscribe()
+                    owner._on_gap()  # before subscribe(): it may already dispatch messages
+                    self.conn = conn = await self.subscribe(refresh=True)
                     failures = 0
-                    self.stats.reconnects += 1
-                    self.stats.gaps += 1
-                    log.warning("subscription to %s resubscribed; messages may have been missed", self._names())
-                    self._on_resubscribed()
+                    stats.reconnects += 1
+                    stats.gaps += 1
+                    log.warning("subscription to %s resubscribed; messages may have been missed", self.names())
+                    owner._on_resubscribed()
                 reply = await conn.read_response(push_request=True)
             except (rex.RedisError, OSError) as exc:
-                if self._state != 1:
+                if owner._state != 1:
                     return
                 if conn is not None:
-                    self.stats.connection_losses += 1
+                    stats.connection_losses += 1
                     await conn.disconnect(nowait=True)
-                    log.warning("subscription to %s lost its connection (%s); reconnecting", self._names(), exc)
-                    self._conn = None
+                    log.warning("subscription to %s lost its connection (%s); reconnecting", self.names(), exc)
+                    self.conn = None
                 failures += 1
                 await anyio.sleep(min(0.05 * 2 ** min(failures, 10), _MAX_BACKOFF_S))
                 continue
-            self._last_rx = time.monotonic()
-            if isinstance(reply, list) and len(reply) >= 3:
-                self._dispatch(reply)
-                if self._cut_off():
-                    self._conn = None
+            self.last_rx = time.monotonic()
+            if not isinstance(reply, list) or not reply:
+                continue
+            if reply[0] == b"sunsubscribe":
+                # Redis unsubscribes a shard channel whose slot moved to another node:
+                # subscribe again where the slot map now says it lives.
+                stats.connection_losses += 1
+                log.warning("subscription to %s: its slot moved; resubscribing", self.names())
+                self.conn = None
+                await conn.disconnect(nowait=True)
+            elif len(reply) >= 3:
+                owner._dispatch(reply)
+                if owner._cut_off():
+                    self.conn = None
                     await conn.disconnect(nowait=True)
                     return
 
-    def _cut_off(self) -> bool:
-        """True when the subscriber must stop listening (its overflow policy said so)."""
-        return False
-
-    async def _keepalive_loop(self) -> None:
-        while self._state == 1:
-            await anyio.sleep(self._keepalive_s)
-            conn = self._conn
+    async def keepalive_loop(self) -> None:
+        owner = self.owner
+        while owner._state == 1:
+            await anyio.sleep(owner._keepalive_s)
+            conn = self.conn
             if conn is None:
                 continue
-            if time.monotonic() - self._last_rx > 2 * self._keepalive_s:
+            if time.monotonic() - self.last_rx > 2 * owner._keepalive_s:
                 # Not even the last PING was answered: the link is dead without a reset.
-                log.warning("subscription to %s: no reply to PING; reconnecting", self._names())
+                log.warning("subscription to %s: no reply to PING; reconnecting", self.names())
                 await conn.disconnect(nowait=True)
                 continue
             try:
@@ -224,12 +208,100 @@ class Subscriber:
             except (rex.RedisError, OSError):
                 continue  # the reader sees the same failure and reconnects
 
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.disconnect(nowait=True)
+            self.conn = None
+
+
+_CONFIRMATIONS = (b"subscribe", b"psubscribe", b"ssubscribe")
+_MESSAGES = {b"message": 1, b"smessage": 1, b"pmessage": 2}  # where the channel is in the reply
+
+
+class Subscriber:
+    """Connections kept subscribed to fixed channels and patterns (wire names): one for
+    plain pub/sub; with ``sharded`` channels, one per cluster slot among them (a shard
+    channel is served by the master that owns its slot).
+
+    Subclasses receive ``_on_message(wire_channel, data)``, ``_on_gap()`` and
+    ``_on_resubscribed()``; all run in a reader task and must not block.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        channels: tuple[str, ...],
+        patterns: tuple[str, ...],
+        *,
+        keepalive_s: float,
+        sharded: bool = False,
+    ) -> None:
+        check_positive("keepalive_s", keepalive_s)
+        if not channels and not patterns:
+            raise ConfigError("subscribe to at least one channel or pattern")
+        if sharded and patterns:
+            raise ConfigError(
+                "pattern subscriptions need plain pub/sub, and this client's channels are sharded "
+                "(SPUBLISH reaches no pattern): connect with sharded_channels=False to use patterns"
+            )
+        self.client = client
+        self._keepalive_s = keepalive_s
+        if sharded and client.cluster:
+            by_slot: dict[int, list[str]] = {}
+            for channel in channels:
+                by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+            self._links = [_Link(self, tuple(group), (), True) for group in by_slot.values()]
+        else:
+            self._links = [_Link(self, channels, patterns, sharded)]
+        self._tasks = Tasks(on_crash=self._crashed)
+        self._state = 0  # 0 new, 1 open, 2 closed
+        self.stats = SubscriptionStats()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_gap(self) -> None:
+        """A link broke: messages may be lost until it is back (called before resubscribing)."""
+
+    def _on_resubscribed(self) -> None:
+        """Subscribed again: from here on nothing is missed."""
+
+    def _crashed(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        if self._state:
+            raise ClosedError("a subscription can be opened only once; subscribe again")
+        self.client.check_open()
+        self._state = 1
+        try:
+            for link in self._links:
+                link.conn = await link.subscribe()
+        except BaseException as exc:
+            self._state = 2
+            with anyio.CancelScope(shield=True):
+                for link in self._links:
+                    await link.close()
+            if isinstance(exc, (rex.RedisError, OSError)):
+                raise translate(exc) from exc
+            raise
+        self.client.subscribers.add(self)
+        for link in self._links:
+            self._tasks.spawn(link.read_loop(), "aioredmq-subscriber")
+            self._tasks.spawn(link.keepalive_loop(), "aioredmq-subscriber-keepalive")
+
+    def _dispatch(self, reply: list[Any]) -> None:
+        at = _MESSAGES.get(reply[0])
+        if at is not None and len(reply) > at + 1:
+            self._on_message(reply[at], reply[at + 1])
+
+    def _cut_off(self) -> bool:
+        """True when the subscriber must stop listening (its overflow policy said so)."""
+        return False
+
     @property
     def closed(self) -> bool:
         return self._state == 2
-
-    def _names(self) -> str:
-        return ", ".join([*self._channels, *self._patterns])
 
     async def _stop(self) -> None:
         if self._state == 2:
@@ -238,9 +310,8 @@ class Subscriber:
         self.client.subscribers.discard(self)
         with anyio.CancelScope(shield=True):
             await self._tasks.aclose()
-            if self._conn is not None:
-                await self._conn.disconnect(nowait=True)
-                self._conn = None
+            for link in self._links:
+                await link.close()
 
 
 class Subscription(Subscriber, Generic[T]):
@@ -266,6 +337,7 @@ class Subscription(Subscriber, Generic[T]):
             tuple(dict.fromkeys(channel_name(prefix, check_name("channel", c)) for c in channels)),
             tuple(dict.fromkeys(channel_name(prefix, check_pattern(p)) for p in patterns)),
             keepalive_s=keepalive_s,
+            sharded=client.sharded_channels,
         )
         self.codec = get_codec(codec)
         self.max_pending = max_pending
@@ -370,6 +442,7 @@ class Channel(Generic[T]):
         check_positive("max_body_bytes", max_body_bytes, integer=True)
         self.max_body_bytes = max_body_bytes
         self._wire = channel_name(client.prefix, name)
+        self._publish = "SPUBLISH" if client.sharded_channels else "PUBLISH"
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r}>"
@@ -379,7 +452,7 @@ class Channel(Generic[T]):
         At most once: nobody listening means nobody gets it."""
         self.client.check_open()
         _, (raw,) = check_encoded(self.codec, self.max_body_bytes, repr(self.name), (body,), headers)
-        received: int = await execute(self.client.redis, "PUBLISH", self._wire, raw)
+        received: int = await execute(self.client.redis, self._publish, self._wire, raw)
         return received
 
     def subscribe(

@@ -117,6 +117,7 @@ class Client:
         prefix: str = "aioredmq",
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        sharded_channels: bool | None = None,
     ) -> None:
         if metrics is not None and not isinstance(metrics, Metrics):
             raise ConfigError(f"metrics={metrics!r} must be an aioredmq.observe.Metrics")
@@ -128,6 +129,10 @@ class Client:
         """Where counters and timings go (``None``: nowhere)."""
         self.tracing = tracing
         """What makes spans of publishes and handler calls (``None``: nothing)."""
+        if sharded_channels not in (None, True, False):
+            raise ConfigError(f"sharded_channels={sharded_channels!r} must be True, False or None")
+        self.sharded_channels: bool = isinstance(redis, RedisCluster) if sharded_channels is None else sharded_channels
+        """Whether channels publish with SPUBLISH and subscribe with SSUBSCRIBE."""
         self._owned = owned
         self._state = _State.UNOPENED
         self._tasks = Tasks()
@@ -227,16 +232,21 @@ class Client:
         self._dedicated.add(conn)
         return conn
 
-    def connection(self) -> AbstractConnection:
+    def connection(self, key: str | None = None) -> AbstractConnection:
         """A bare connection with the same settings and no read timeout, for a subscriber
-        that waits indefinitely; the caller connects and disconnects it."""
+        that waits indefinitely; the caller connects and disconnects it. On a cluster:
+        to the master that owns ``key`` (by the slot map the client has), or any master."""
         self.check_open()
         if isinstance(self.redis, RedisCluster):
-            # Plain pub/sub reaches every node of a cluster: any master will do, and a
-            # reconnect after a failover picks again.
-            # Before its first command a cluster client knows only its startup nodes.
-            nodes = self.redis.get_primaries() or list(self.redis.nodes_manager.startup_nodes.values())
-            node = random.choice(nodes)
+            if key is not None:
+                node = self.redis.get_node_from_key(key)
+                assert node is not None  # None only when asked for a replica
+            else:
+                # Plain pub/sub reaches every node of a cluster: any master will do, and
+                # a reconnect after a failover picks again. Before its first command a
+                # cluster client knows only its startup nodes.
+                nodes = self.redis.get_primaries() or list(self.redis.nodes_manager.startup_nodes.values())
+                node = random.choice(nodes)
             node_conn: AbstractConnection = node.connection_class(**{**node.connection_kwargs, "socket_timeout": None})
             return node_conn
         pool = self.redis.connection_pool
@@ -472,14 +482,24 @@ def connect(
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
     cluster: bool = False,
+    sharded_channels: bool | None = None,
 ) -> Client:
     """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
     ``cluster=True``: the URL names one node of a Redis Cluster (or pass a ``RedisCluster``).
+    ``sharded_channels``: channels use sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, Redis
+    7+); the default is yes on a cluster, where plain pub/sub copies every message to
+    every node, and no elsewhere.
 
     Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
     used as it is (including its retry policy) and stays open after ``mq`` closes.
     ``metrics`` and ``tracing`` receive what the library does (see :mod:`aioredmq.observe`).
     """
+    common: dict[str, Any] = {
+        "prefix": prefix,
+        "metrics": metrics,
+        "tracing": tracing,
+        "sharded_channels": sharded_channels,
+    }
     if isinstance(url_or_client, Sentinels):
         s = url_or_client
         if not s.addresses:
@@ -500,7 +520,7 @@ def connect(
             password=s.password,
         )
         master.connection_pool.connection_class = _fast(master.connection_pool.connection_class)
-        client = Client(master, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)
+        client = Client(master, owned=True, **common)
         client._also_close.extend(sentinel.sentinels)
         return client
     if isinstance(url_or_client, RedisCluster):
@@ -509,14 +529,14 @@ def connect(
                 "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
                 "(message bodies are binary): pass a client made with decode_responses=False"
             )
-        return Client(url_or_client, owned=False, prefix=prefix, metrics=metrics, tracing=tracing)
+        return Client(url_or_client, owned=False, **common)
     if isinstance(url_or_client, Redis):
         if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ConfigError(
                 "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
                 "(message bodies are binary): pass a client made with decode_responses=False"
             )
-        return Client(url_or_client, owned=False, prefix=prefix, metrics=metrics, tracing=tracing)
+        return Client(url_or_client, owned=False, **common)
     if not isinstance(url_or_client, str):
         raise ConfigError(f"url_or_client={url_or_client!r} must be a redis:// URL or a redis.asyncio.Redis")
     check_positive("socket_timeout_s", socket_timeout_s)
@@ -532,7 +552,7 @@ def connect(
             )
         except ValueError as exc:
             raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
-        return Client(rc, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)
+        return Client(rc, owned=True, **common)
     try:
         redis = Redis.from_url(
             url_or_client,
@@ -545,4 +565,4 @@ def connect(
     except ValueError as exc:
         raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
     redis.connection_pool.connection_class = _fast(redis.connection_pool.connection_class)
-    return Client(redis, owned=True, prefix=prefix, metrics=metrics, tracing=tracing)
+    return Client(redis, owned=True, **common)

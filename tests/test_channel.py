@@ -156,3 +156,21 @@ async def test_closing_the_client_closes_its_subscriptions(redis_url: str, raw: 
         assert await raw.pubsub_numsub("aioredmq:{a}:channel") == [(b"aioredmq:{a}:channel", 1)]
     assert sub.closed
     assert await raw.pubsub_numsub("aioredmq:{a}:channel") == [(b"aioredmq:{a}:channel", 0)]
+
+
+async def test_sharded_channels_on_one_server(redis_url: str) -> None:
+    """``sharded_channels=True`` outside a cluster (Redis 7+): SPUBLISH reaches shard
+    subscribers only, on one connection for all channels; patterns are refused."""
+    async with aioredmq.connect(redis_url, sharded_channels=True) as sharded, aioredmq.connect(redis_url) as plain:
+        assert not plain.sharded_channels
+        async with sharded.subscribe("s-a", "s-b") as sub, plain.subscribe("s-a") as unsharded:
+            assert len(sub._links) == 1
+            assert await sharded.channel("s-a").publish(1) == 1  # the plain subscriber does not count
+            assert await sharded.channel("s-b").publish(2) == 1
+            assert [m.body for m in await take(sub, 2)] == [1, 2]
+            assert await plain.channel("s-a").publish(3) == 1  # and PUBLISH reaches only it
+            assert [m.body for m in await take(unsharded, 1)] == [3]
+        with pytest.raises(aioredmq.ConfigError, match="sharded_channels=False"):
+            sharded.subscribe(patterns=["s-*"])
+    with pytest.raises(aioredmq.ConfigError, match="sharded_channels"):
+        aioredmq.connect(redis_url, sharded_channels="yes")  # type: ignore[arg-type]

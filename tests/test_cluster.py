@@ -3,7 +3,9 @@ failover in the middle of a run. Marked ``cluster``: ``pytest -m cluster`` selec
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -11,10 +13,12 @@ from typing import Any
 import anyio
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 
 import aioredmq
 from aioredmq import ops
 from aioredmq.envelope import decode
+from aioredmq.keys import channel_name
 from aioredmq.testing import RedisClusterServers
 
 from .failover import run_through
@@ -158,14 +162,80 @@ async def test_replicated_durability_waits_for_the_replica_of_the_queues_own_mas
     assert (await stream.stats()).length == 1
 
 
-async def test_a_channel_reaches_its_subscribers_on_a_cluster(cmq: aioredmq.Client) -> None:
-    """Plain pub/sub: a message published through any node reaches every node's subscribers."""
-    channel = cmq.channel("c-news")
-    async with channel.subscribe() as first, cmq.subscribe("c-news") as second:
-        await channel.publish({"headline": "cluster"})
+async def test_channels_are_sharded_on_a_cluster_and_reach_their_subscribers(
+    cmq: aioredmq.Client, cluster: RedisClusterServers
+) -> None:
+    """SPUBLISH/SSUBSCRIBE by default: a subscription to channels on several masters
+    holds one connection per slot and gets each channel's messages."""
+    assert cmq.sharded_channels
+    assert isinstance(cmq.redis, RedisCluster)
+    await cmq.redis.initialize()  # the slot map
+    names = [f"c-news-{i}" for i in range(6)]
+    wires = [channel_name(cmq.prefix, n) for n in names]
+    assert len({_owner(cmq.redis, w).name for w in wires}) > 1, "the channels must live on several masters"
+    async with cmq.subscribe(*names) as sub, cmq.channel(names[0]).subscribe() as first:
+        assert len(sub._links) == len({key_slot(w.encode()) for w in wires})
+        received = [await cmq.channel(n).publish({"n": n}) for n in names]
         with anyio.fail_after(5):
-            got = [(await first.__anext__()).body, (await second.__anext__()).body]
+            got = [(await sub.__anext__()).channel for _ in names]
+            alone = (await first.__anext__()).body
+    assert received == [2] + [1] * (len(names) - 1)  # each counts the subscribers of its shard
+    assert sorted(got) == sorted(names)
+    assert alone == {"n": names[0]}
+    with pytest.raises(aioredmq.ConfigError, match="sharded_channels=False"):
+        cmq.subscribe(patterns=["c-news-*"])
+
+
+async def test_plain_channels_on_a_cluster_when_asked_for_with_patterns(cluster: RedisClusterServers) -> None:
+    """``sharded_channels=False``: plain pub/sub, which reaches every node, so patterns work."""
+    plain = aioredmq.connect(cluster.url, cluster=True, sharded_channels=False)
+    async with plain as mq, mq.subscribe(patterns=["c-plain-*"]) as by_pattern, mq.subscribe("c-plain-1") as by_name:
+        await mq.channel("c-plain-1").publish({"headline": "cluster"})
+        with anyio.fail_after(5):
+            got = [(await by_pattern.__anext__()).body, (await by_name.__anext__()).body]
     assert got == [{"headline": "cluster"}] * 2
+
+
+@pytest.mark.fault
+async def test_a_sharded_subscription_follows_its_slot_to_the_promoted_replica() -> None:
+    with RedisClusterServers() as cluster:
+        async with aioredmq.connect(cluster.url, cluster=True, socket_timeout_s=1.0) as mq:
+            assert isinstance(mq.redis, RedisCluster)
+            await mq.redis.initialize()  # the slot map
+            channel = mq.channel("c-alerts")
+            owner = _owner(mq.redis, channel_name(mq.prefix, "c-alerts"))
+            (master,) = [s for s in cluster.servers if s.port == owner.port]
+            async with channel.subscribe() as sub:
+                await channel.publish({"n": 0})
+                with anyio.fail_after(5):
+                    assert (await sub.__anext__()).gap is False
+                master.kill(signal.SIGKILL)
+                killed_at = time.monotonic()
+
+                async def publish_until_received() -> None:
+                    n = 1
+                    while True:
+                        with contextlib.suppress(aioredmq.AioredmqError):
+                            await channel.publish({"n": n})
+                        n += 1
+                        await anyio.sleep(0.05)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(publish_until_received)
+                    with anyio.fail_after(15):
+                        after = await sub.__anext__()
+                    tg.cancel_scope.cancel()
+                resumed_s = time.monotonic() - killed_at
+    report(
+        "cluster: the master of a sharded channel SIGKILLed",
+        1,
+        recovery_s=resumed_s,
+        faults=f"master SIGKILL; the subscription resubscribed on the promoted replica "
+        f"({sub.stats.reconnects} reconnects, gap flagged)",
+    )
+    assert after.gap, "the first message after the failover must say some may have been missed"
+    assert sub.stats.reconnects >= 1
+    assert resumed_s < 5.0, f"the subscription resumed only after {resumed_s:.1f} s"
 
 
 async def test_stats_find_the_queues_and_streams_on_every_master(cmq: aioredmq.Client) -> None:
@@ -244,3 +314,32 @@ async def _bodies(mq: aioredmq.Client, name: str) -> list[bytes]:
     q = mq.queue(name)
     raws: list[bytes] = await mq.redis.execute_command("LRANGE", q.keys.ready, 0, -1)
     return [decode(raw).body for raw in raws]
+
+
+async def test_a_sharded_subscription_follows_its_slot_when_it_migrates(
+    cmq: aioredmq.Client, cluster: RedisClusterServers
+) -> None:
+    """Moving a channel's slot to another master makes Redis unsubscribe its shard
+    subscribers (SUNSUBSCRIBE); the subscription resubscribes on the new owner."""
+    assert isinstance(cmq.redis, RedisCluster)
+    await cmq.redis.initialize()  # the slot map
+    wire = channel_name(cmq.prefix, "c-moving")
+    slot = key_slot(wire.encode())
+    source = _owner(cmq.redis, wire)
+    target = next(n for n in cmq.redis.get_primaries() if n.name != source.name)
+    channel = cmq.channel("c-moving")
+    async with channel.subscribe() as sub:
+        await channel.publish({"n": 0})
+        with anyio.fail_after(5):
+            assert (await sub.__anext__()).body == {"n": 0}
+        target_id = await cmq.redis.execute_command("CLUSTER MYID", target_nodes=target)
+        # No key lives in the slot, so nothing needs MIGRATE: hand it over and tell everyone.
+        for node in cmq.redis.get_primaries():
+            await cmq.redis.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id, target_nodes=node)
+        await wait_for(lambda: sub.stats.reconnects >= 1, 10, "the subscription to resubscribe")
+        received = await channel.publish({"n": 1})
+        with anyio.fail_after(5):
+            after = await sub.__anext__()
+    assert received == 1
+    assert after.body == {"n": 1}
+    assert after.gap
