@@ -57,6 +57,8 @@ T = TypeVar("T")
 Overflow = Literal["drop_oldest", "disconnect"]
 _PATTERN = re.compile(r"^[A-Za-z0-9_.\-/:@*?\[\]^]{1,200}$")
 _MAX_BACKOFF_S = 0.5  # a failover is over in seconds
+# A link's failures: the connection, or (sharded, on a cluster) no node for the slot yet.
+_LINK_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError)
 
 
 def check_pattern(pattern: str) -> str:
@@ -163,7 +165,7 @@ class _Link:
                     log.warning("subscription to %s resubscribed; messages may have been missed", self.names())
                     owner._on_resubscribed()
                 reply = await conn.read_response(push_request=True)
-            except (rex.RedisError, OSError) as exc:
+            except _LINK_ERRORS as exc:
                 if owner._state != 1:
                     return
                 if conn is not None:
@@ -282,7 +284,7 @@ class Subscriber:
             with anyio.CancelScope(shield=True):
                 for link in self._links:
                     await link.close()
-            if isinstance(exc, (rex.RedisError, OSError)):
+            if isinstance(exc, _LINK_ERRORS):
                 raise translate(exc) from exc
             raise
         self.client.subscribers.add(self)

@@ -6,6 +6,7 @@ passed in KEYS and shares the queue's hash tag, so scripts run on Redis Cluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from functools import cache
 from importlib import resources
@@ -17,6 +18,8 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     NoScriptError,
+    RedisClusterException,
+    RedisError,
     ResponseError,
     TimeoutError,
     TryAgainError,
@@ -115,11 +118,18 @@ async def _on_one_connection(
         finally:
             node.release(node_conn)
         if any(isinstance(reply, _STALE_ROUTE) for reply in replies):
-            await redis.nodes_manager.initialize()
+            await _refresh(redis)
     except _STALE_ROUTE:
-        await redis.nodes_manager.initialize()
+        await _refresh(redis)
         raise
     return replies
+
+
+async def _refresh(redis: RedisCluster) -> None:
+    """Ask the cluster for its slot map again. If no node answers, the caller's next try
+    asks again (through ``initialize``); the error it reports is the one that happened."""
+    with contextlib.suppress(RedisError, RedisClusterException, OSError):
+        await redis.nodes_manager.initialize()
 
 
 async def _exchange(conn: AbstractConnection, commands: list[tuple[Any, ...]], patience_s: float) -> list[Any]:
