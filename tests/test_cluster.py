@@ -332,9 +332,16 @@ async def test_a_sharded_subscription_follows_its_slot_when_it_migrates(
         await channel.publish({"n": 0})
         with anyio.fail_after(5):
             assert (await sub.__anext__()).body == {"n": 0}
-        target_id = await cmq.redis.execute_command("CLUSTER MYID", target_nodes=target)
-        # No key lives in the slot, so nothing needs MIGRATE: hand it over and tell everyone.
-        for node in cmq.redis.get_primaries():
+        source_id, target_id = [
+            await cmq.redis.execute_command("CLUSTER MYID", target_nodes=n) for n in (source, target)
+        ]
+        # The documented live-resharding order; no key lives in the slot, so nothing needs
+        # MIGRATE. The target hears NODE first: it claims the slot with a new config epoch,
+        # so gossip cannot hand the slot back to the source.
+        await cmq.redis.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id, target_nodes=target)
+        await cmq.redis.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id, target_nodes=source)
+        others = [n for n in cmq.redis.get_primaries() if n.name not in (source.name, target.name)]
+        for node in (target, source, *others):
             await cmq.redis.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id, target_nodes=node)
         await wait_for(lambda: sub.stats.reconnects >= 1, 10, "the subscription to resubscribe")
         received = await channel.publish({"n": 1})
