@@ -7,10 +7,16 @@ import signal
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 import aioredmq
+from aioredmq.envelope import decode
 from aioredmq.testing import RedisServer
+
+from .helpers import wait_for
+from .ledger import report
+from .proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,3 +62,78 @@ async def test_a_publish_waits_for_its_replicas_or_says_it_could_not(
         assert (await q.stats()).ready == 52
         with pytest.raises(aioredmq.ConfigError):
             await q.publish({"n": 53}, replicas=-1)
+
+
+@pytest.mark.fault
+async def test_a_replica_cut_off_before_a_failover_loses_only_what_replicas_0_confirmed() -> None:
+    """The loss window without ``replicas``: the replica's link is partitioned (a proxy
+    stops forwarding), the master goes on confirming writes, then it dies and the replica
+    is promoted. Everything confirmed since the cut is gone, however fast the failover;
+    publishes with ``replicas=1`` were refused meanwhile (NotReplicatedError), so none of
+    theirs is."""
+    with RedisServer() as master:
+        async with FaultProxy("127.0.0.1", master.port) as link:
+            replica = RedisServer("--replicaof", "127.0.0.1", str(link.port), "--repl-diskless-sync-delay", "0")
+            with replica:
+                await wait_for(lambda: _link(replica) == "up", 10, "the replica to link through the proxy")
+                confirmed: dict[str, set[int]] = {"w-fast": set(), "w-durable": set()}
+                sent_after_cut: set[int] = set()  # of replicas=0: sent once the link was cut
+                refused = 0
+                counter = iter(range(10**9))
+                async with aioredmq.connect(master.url, socket_timeout_s=1.0) as mq:
+
+                    async def publish(name: str, replicas: int) -> bool:
+                        batch = [next(counter) for _ in range(20)]
+                        after_cut = link.paused
+                        try:
+                            await mq.queue(name).publish_many(batch, replicas=replicas, replica_timeout_s=0.05)
+                        except aioredmq.NotReplicatedError:
+                            return False
+                        confirmed[name].update(batch)
+                        if after_cut:
+                            sent_after_cut.update(batch)
+                        return True
+
+                    for _ in range(20):
+                        assert await publish("w-fast", 0)
+                        assert await publish("w-durable", 1)
+                    cut = anyio.Event()
+
+                    async def load(name: str, replicas: int) -> None:
+                        nonlocal refused
+                        while not cut.is_set():
+                            refused += not await publish(name, replicas)
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(load, "w-fast", 0)
+                        tg.start_soon(load, "w-durable", 1)
+                        await anyio.sleep(0.2)
+                        link.pause()  # the partition: the replica hears nothing more
+                        cut_at = time.monotonic()
+                        await anyio.sleep(0.5)
+                        cut.set()
+                    cut_s = time.monotonic() - cut_at
+                    master.kill(signal.SIGKILL)
+                async with aioredmq.connect(replica.url) as promoted:
+                    await promoted.redis.execute_command("REPLICAOF", "NO", "ONE")  # what a failover does
+                    kept = {name: {int(b) for b in await _bodies(promoted, name)} for name in confirmed}
+    lost = {name: confirmed[name] - kept[name] for name in confirmed}
+    rate = len(sent_after_cut) / cut_s
+    in_flight = lost["w-fast"] - sent_after_cut
+    report(
+        "replication link cut 0.5 s before the master dies: replicas=1 (replicas=0 beside it)",
+        len(confirmed["w-durable"]),
+        lost=len(lost["w-durable"]),
+        faults=f"partition, SIGKILL, promotion; {refused} replicas=1 batches refused during the cut. "
+        f"replicas=0 lost {len(lost['w-fast'])} of {len(confirmed['w-fast'])}: all it sent in the "
+        f"{cut_s:.2f} s after the cut (at {rate:,.0f} msg/s) and {len(in_flight)} in flight at the cut",
+    )
+    assert not lost["w-durable"], f"publishes a replica acknowledged were lost: {sorted(lost['w-durable'])[:20]}"
+    assert refused > 0, "the cut must have refused replicas=1 publishes, or it tested nothing"
+    assert sent_after_cut <= lost["w-fast"], "a replica cut off cannot have what was sent after the cut"
+
+
+async def _bodies(mq: aioredmq.Client, name: str) -> list[bytes]:
+    """The bodies of every message in a queue's ready list (JSON integers here)."""
+    raws: list[bytes] = await mq.redis.execute_command("LRANGE", mq.queue(name).keys.ready, 0, -1)
+    return [decode(raw).body for raw in raws]
