@@ -152,8 +152,13 @@ def main(
         t = time.perf_counter()
         cases = asyncio.run(make(args, url))
         env = environment(url, args.loop)
+    finish(name, args, env, cases, time.perf_counter() - t)
+
+
+def finish(name: str, args: argparse.Namespace, env: dict[str, Any], cases: list[CaseResult], took: float) -> None:
+    """Print the Markdown table, and write the JSON if ``--json`` asked for it."""
     params = {k: v for k, v in vars(args).items() if k not in ("json", "redis_url")}
-    print_table(name, env, params, cases, time.perf_counter() - t)
+    print_table(name, env, params, cases, took)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": name, "env": env, "params": params, "cases": cases}, f, indent=2)
@@ -325,7 +330,7 @@ def make_bench(
 
 async def runner_rate(
     mq: aioredmq.Client,
-    source: aioredmq.Queue[Any] | aioredmq.Stream[Any],
+    source: aioredmq.Queue[Any] | aioredmq.Stream[Any] | aioredmq.PartitionedQueue[Any],
     n: int,
     *,
     group: str | None = None,

@@ -48,6 +48,7 @@ def plan(quick: bool, peers: bool) -> list[tuple[str, str, list[str]]]:
     runs.append(("idle", "bench_idle", ["--seconds=10" if quick else "--seconds=20"]))
     runs.append(("recovery", "bench_recovery", []))
     runs.append(("delayed", "bench_delayed", ["--messages=100" if quick else "--messages=200"]))
+    runs.append(("cluster-100-uvloop", "bench_cluster", ["--messages=10000" if quick else "--messages=50000"]))
     if peers:
         runs.append(("peers-100-uvloop", "bench_peers", [f"--messages={n_large}"]))
     return runs
@@ -211,6 +212,7 @@ def render(out: Path) -> None:
         ("idle", "Idle cost"),
         ("recovery", "Recovery after SIGKILL"),
         ("delayed", "Delayed delivery: lateness after the due time"),
+        ("cluster-100-uvloop", "Redis Cluster: routing and replicas=1 (100 B, uvloop)"),
     ]
     for key, title in sections:
         if key in results:
