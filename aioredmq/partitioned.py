@@ -41,6 +41,7 @@ from .envelope import with_attempts
 from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError
 from .keys import PartitionKeys, check_name
 from .message import Message
+from .producer import replica_wait
 from .queue import Queue, QueueStats
 from .scripts import script
 from .tasks import Tasks
@@ -126,35 +127,64 @@ class PartitionedQueue(Generic[T]):
         headers: Mapping[str, str] | None = None,
         delay: float | None = None,
         at: datetime | None = None,
+        replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> str:
-        """Append one message to ``key``'s partition; return its id once Redis has it.
+        """Append one message to ``key``'s partition; return its id once Redis has it
+        (and ``replicas`` replicas, as for :meth:`Queue.publish`).
 
         A delayed message joins its key's order when it becomes due, not when published.
         """
         partition = self.partitions[self.partition_of(key)]
-        return await partition.publish(body, headers=self._headers(key, headers), delay=delay, at=at)
+        return await partition.publish(
+            body,
+            headers=self._headers(key, headers),
+            delay=delay,
+            at=at,
+            replicas=replicas,
+            replica_timeout_s=replica_timeout_s,
+        )
 
     async def publish_many(
-        self, items: Iterable[tuple[str, T]], *, headers: Mapping[str, str] | None = None
+        self,
+        items: Iterable[tuple[str, T]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        replicas: int = 0,
+        replica_timeout_s: float = 1.0,
     ) -> list[str]:
         """Append ``(key, body)`` pairs; each key's messages keep their order. Returns the ids
         in the order given. Partitions are written concurrently: if an error is raised,
-        some keys' messages may have been published."""
+        some keys' messages may have been published. ``replicas``: as for :meth:`Queue.publish`."""
         by_key: dict[str, list[int]] = {}
         pairs = list(items)
         for i, (key, _) in enumerate(pairs):
             by_key.setdefault(key, []).append(i)
         ids: list[str] = [""] * len(pairs)
 
+        replica_wait(replicas, replica_timeout_s)  # a bad value raises before anything is sent
+        errors: list[Exception] = []
+
         async def one_key(key: str, positions: list[int]) -> None:
             partition = self.partitions[self.partition_of(key)]
-            sent = await partition.publish_many([pairs[i][1] for i in positions], headers=self._headers(key, headers))
+            try:
+                sent = await partition.publish_many(
+                    [pairs[i][1] for i in positions],
+                    headers=self._headers(key, headers),
+                    replicas=replicas,
+                    replica_timeout_s=replica_timeout_s,
+                )
+            except Exception as exc:  # raised below as it is, not inside an exception group
+                errors.append(exc)
+                return
             for i, message_id in zip(positions, sent, strict=True):
                 ids[i] = message_id
 
         async with anyio.create_task_group() as tg:
             for key, positions in by_key.items():
                 tg.start_soon(one_key, key, positions)
+        if errors:
+            raise errors[0]
         return ids
 
     async def cancel(self, message_id: str) -> bool:

@@ -243,7 +243,7 @@ def check_encoded(
     return ids, raws
 
 
-def _wait(replicas: int, timeout_s: float) -> Wait | None:
+def replica_wait(replicas: int, timeout_s: float) -> Wait | None:
     """What a publish waits for beyond Redis itself: ``replicas`` acknowledgements."""
     check_positive("replicas", replicas, integer=True, zero=True)
     check_positive("replica_timeout_s", timeout_s)
@@ -343,7 +343,7 @@ class Publishing(Generic[T]):
         Cancelling the call does not withdraw the message: once buffered, it is sent.
         """
         self.client.check_open()
-        wait = _wait(replicas, replica_timeout_s)
+        wait = replica_wait(replicas, replica_timeout_s)
         if self.client.tracing is not None:
             headers, span = self.client.tracing.publish(self.name, headers, 1)
             with span:
@@ -389,7 +389,7 @@ class Publishing(Generic[T]):
         every message, as for :meth:`publish`, and so do ``replicas`` / ``replica_timeout_s``.
         """
         self.client.check_open()
-        wait = _wait(replicas, replica_timeout_s)
+        wait = replica_wait(replicas, replica_timeout_s)
         if self.client.tracing is not None:
             bodies = list(bodies)
             headers, span = self.client.tracing.publish(self.name, headers, len(bodies))

@@ -26,19 +26,29 @@ class FailoverRun:
 
 
 async def run_through(
-    mq: aioredmq.Client, queue: aioredmq.Queue[Any], kill: Callable[[], None], replicas: Callable[[int], int]
+    mq: aioredmq.Client,
+    source: aioredmq.Queue[Any] | aioredmq.Stream[Any] | aioredmq.PartitionedQueue[Any],
+    kill: Callable[[], None],
+    replicas: Callable[[int], int],
+    *,
+    group: str | None = None,
+    watched: Callable[[int], bool] = lambda n: True,
 ) -> FailoverRun:
     """Publish one message every 10 ms (each its own task, so one waiting out a retry
-    does not hold back the next; message n asks for ``replicas(n)``), handle them, call
-    ``kill()`` after 100 were handled, and measure how long until a message sent after
-    the kill is handled."""
+    does not hold back the next; message n asks for ``replicas(n)``; a partitioned
+    queue's keys take turns), handle them (a stream: as ``group``), call ``kill()`` after
+    100 were handled, and measure how long until a message sent after the kill is
+    handled (one that ``watched(n)`` picks: one that the killed server must carry)."""
     run = FailoverRun()
     sent = 0
     stop = anyio.Event()
 
     async def publish_one(n: int) -> None:
         try:
-            await queue.publish({"n": n}, replicas=replicas(n))
+            if isinstance(source, aioredmq.PartitionedQueue):
+                await source.publish({"n": n}, key=f"k{n % 8}", replicas=replicas(n))
+            else:
+                await source.publish({"n": n}, replicas=replicas(n))
             run.confirmed.add(n)
         except aioredmq.AioredmqError:
             pass  # unconfirmed or not replicated: it may or may not survive
@@ -55,13 +65,17 @@ async def run_through(
         run.handled.setdefault(msg.body["n"], time.monotonic())
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: mq.run(queue, handler, concurrency=4))
+        tg.start_soon(lambda: mq.run(source, handler, concurrency=4, group=group))
         tg.start_soon(produce)
         await wait_for(lambda: len(run.handled) >= 100, 10, "traffic before the kill")
         kill()
         killed_at, first_after = time.monotonic(), sent
-        await wait_for(lambda: any(n >= first_after for n in run.handled), 20, "work on a message sent after the kill")
-        run.resumed_s = min(t for n, t in run.handled.items() if n >= first_after) - killed_at
+        await wait_for(
+            lambda: any(n >= first_after and watched(n) for n in run.handled),
+            20,
+            "work on a message sent after the kill",
+        )
+        run.resumed_s = min(t for n, t in run.handled.items() if n >= first_after and watched(n)) - killed_at
         stop.set()
         await anyio.sleep(1.0)  # what was sent before the stop is handled
         tg.cancel_scope.cancel()

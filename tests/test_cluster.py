@@ -7,7 +7,7 @@ import contextlib
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -102,19 +102,49 @@ async def test_partitions_spread_over_the_masters_and_keep_key_order(
         assert [b["seq"] for b in bodies if b["key"] == key] == list(range(10))
 
 
+Source = aioredmq.Queue[Any] | aioredmq.Stream[Any] | aioredmq.PartitionedQueue[Any]
+
+
+async def _failover_source(mq: aioredmq.Client, kind: str) -> tuple[Source, str, str | None, Callable[[int], bool]]:
+    """The source a failover run uses, the key whose master is killed, the stream group,
+    and which messages (by number) that master carries."""
+    if kind == "queue":
+        queue = mq.queue("c-failover", lease_s=2.0)
+        return queue, queue.keys.ready, None, lambda n: True
+    if kind == "stream":
+        stream = mq.stream("c-failover-s", lease_s=2.0)
+        await stream.create_group("billing", "begin")
+        return stream, stream.keys.stream, "billing", lambda n: True
+    partitioned = mq.partitioned("c-failover-p", partitions=4, lease_s=2.0)
+    killed = partitioned.partition_of("k0")  # run_through's keys are k0..k7
+
+    def on_killed(n: int) -> bool:
+        return partitioned.partition_of(f"k{n % 8}") == killed
+
+    return partitioned, partitioned.partitions[killed].keys.ready, None, on_killed
+
+
 @pytest.mark.fault
-async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s() -> None:
+@pytest.mark.parametrize("kind", ["queue", "stream", "partitioned"])
+async def test_killing_the_master_of_a_queue_mid_run_resumes_within_5_s(kind: str) -> None:
     with RedisClusterServers() as cluster:
         async with aioredmq.connect(cluster.url, cluster=True, socket_timeout_s=1.0) as mq:
-            q = mq.queue("c-failover", lease_s=2.0)
             assert isinstance(mq.redis, RedisCluster)
             await mq.redis.initialize()  # the slot map
-            owner = _owner(mq.redis, q.keys.ready)
+            source, key, group, watched = await _failover_source(mq, kind)
+            owner = _owner(mq.redis, key)
             (master,) = [s for s in cluster.servers if s.port == owner.port]
-            run = await run_through(mq, q, lambda: master.kill(signal.SIGKILL), replicas=lambda n: 1 if n < 100 else 0)
+            run = await run_through(
+                mq,
+                source,
+                lambda: master.kill(signal.SIGKILL),
+                replicas=lambda n: 1 if n < 100 else 0,
+                group=group,
+                watched=watched,
+            )
     durable_lost = sorted(n for n in run.lost if n < 100)
     report(
-        "cluster: the master of a queue SIGKILLed mid-run",
+        f"cluster: the master of a {kind.replace('partitioned', 'partitioned queue')} SIGKILLed mid-run",
         len(run.confirmed),
         lost=len(run.lost),
         recovery_s=run.resumed_s,

@@ -62,6 +62,14 @@ async def test_a_publish_waits_for_its_replicas_or_says_it_could_not(
         assert (await q.stats()).ready == 52
         with pytest.raises(aioredmq.ConfigError):
             await q.publish({"n": 53}, replicas=-1)
+        pq = mq.partitioned("durable-p", partitions=4)
+        await pq.publish({"n": 1}, key="a", replicas=1)
+        assert len(await pq.publish_many([(k, {"n": 2}) for k in "abcdef"], replicas=1)) == 6
+        # One error as it is (not an exception group), though several partitions failed.
+        with pytest.raises(aioredmq.NotReplicatedError):
+            await pq.publish_many([(k, {"n": 3}) for k in "abcdef"], replicas=2, replica_timeout_s=0.1)
+        with pytest.raises(aioredmq.ConfigError):
+            await pq.publish_many([("a", {"n": 4})], replicas=-1)
 
 
 @pytest.mark.fault
