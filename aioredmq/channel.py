@@ -236,25 +236,17 @@ class Subscriber:
         patterns: tuple[str, ...],
         *,
         keepalive_s: float,
-        sharded: bool = False,
+        sharded: bool | None = False,
     ) -> None:
         check_positive("keepalive_s", keepalive_s)
         if not channels and not patterns:
             raise ConfigError("subscribe to at least one channel or pattern")
-        if sharded and patterns:
-            raise ConfigError(
-                "pattern subscriptions need plain pub/sub, and this client's channels are sharded "
-                "(SPUBLISH reaches no pattern): connect with sharded_channels=False to use patterns"
-            )
         self.client = client
         self._keepalive_s = keepalive_s
-        if sharded and client.cluster:
-            by_slot: dict[int, list[str]] = {}
-            for channel in channels:
-                by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
-            self._links = [_Link(self, tuple(group), (), True) for group in by_slot.values()]
-        else:
-            self._links = [_Link(self, channels, patterns, sharded)]
+        self._channels = channels
+        self._patterns = patterns
+        self._sharded = sharded  # None: as the client says (see Client.channels_sharded)
+        self._links: list[_Link] = []
         self._tasks = Tasks(on_crash=self._crashed)
         self._state = 0  # 0 new, 1 open, 2 closed
         self.stats = SubscriptionStats()
@@ -277,6 +269,7 @@ class Subscriber:
         self.client.check_open()
         self._state = 1
         try:
+            self._links = await self._make_links()
             for link in self._links:
                 link.conn = await link.subscribe()
         except BaseException as exc:
@@ -291,6 +284,21 @@ class Subscriber:
         for link in self._links:
             self._tasks.spawn(link.read_loop(), "aioredmq-subscriber")
             self._tasks.spawn(link.keepalive_loop(), "aioredmq-subscriber-keepalive")
+
+    async def _make_links(self) -> list[_Link]:
+        channels, patterns, client = self._channels, self._patterns, self.client
+        sharded = await client.channels_sharded() if self._sharded is None else self._sharded
+        if sharded and patterns:
+            raise ConfigError(
+                "pattern subscriptions need plain pub/sub, and this client's channels are sharded "
+                "(SPUBLISH reaches no pattern): connect with sharded_channels=False to use patterns"
+            )
+        if not (sharded and client.cluster):
+            return [_Link(self, channels, patterns, sharded)]
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        return [_Link(self, tuple(group), (), True) for group in by_slot.values()]
 
     def _dispatch(self, reply: list[Any]) -> None:
         at = _MESSAGES.get(reply[0])
@@ -339,7 +347,7 @@ class Subscription(Subscriber, Generic[T]):
             tuple(dict.fromkeys(channel_name(prefix, check_name("channel", c)) for c in channels)),
             tuple(dict.fromkeys(channel_name(prefix, check_pattern(p)) for p in patterns)),
             keepalive_s=keepalive_s,
-            sharded=client.sharded_channels,
+            sharded=None,
         )
         self.codec = get_codec(codec)
         self.max_pending = max_pending
@@ -444,7 +452,6 @@ class Channel(Generic[T]):
         check_positive("max_body_bytes", max_body_bytes, integer=True)
         self.max_body_bytes = max_body_bytes
         self._wire = channel_name(client.prefix, name)
-        self._publish = "SPUBLISH" if client.sharded_channels else "PUBLISH"
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r}>"
@@ -454,7 +461,8 @@ class Channel(Generic[T]):
         At most once: nobody listening means nobody gets it."""
         self.client.check_open()
         _, (raw,) = check_encoded(self.codec, self.max_body_bytes, repr(self.name), (body,), headers)
-        received: int = await execute(self.client.redis, self._publish, self._wire, raw)
+        command = "SPUBLISH" if await self.client.channels_sharded() else "PUBLISH"
+        received: int = await execute(self.client.redis, command, self._wire, raw)
         return received
 
     def subscribe(

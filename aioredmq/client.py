@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from .codecs import Codec
 from .commands import AnyRedis
 from .config import RetryPolicy, check_positive
-from .errors import ClosedError, ConfigError
+from .errors import ClosedError, ConfigError, mapped
 from .keys import check_name
 from .observe import Metrics, Tracing
 from .tasks import Tasks
@@ -131,8 +131,8 @@ class Client:
         """What makes spans of publishes and handler calls (``None``: nothing)."""
         if sharded_channels not in (None, True, False):
             raise ConfigError(f"sharded_channels={sharded_channels!r} must be True, False or None")
-        self.sharded_channels: bool = isinstance(redis, RedisCluster) if sharded_channels is None else sharded_channels
-        """Whether channels publish with SPUBLISH and subscribe with SSUBSCRIBE."""
+        # None until asked on a cluster: sharded there when the server is Redis 7 or newer.
+        self._sharded: bool | None = sharded_channels if sharded_channels is not None or self.cluster else False
         self._owned = owned
         self._state = _State.UNOPENED
         self._tasks = Tasks()
@@ -231,6 +231,17 @@ class Client:
         )
         self._dedicated.add(conn)
         return conn
+
+    async def channels_sharded(self) -> bool:
+        """Whether channels publish with SPUBLISH and subscribe with SSUBSCRIBE: as
+        :func:`connect` was told, or else on a cluster whose servers are Redis 7 or newer
+        (sharded pub/sub came with 7.0; older clusters keep plain pub/sub)."""
+        if self._sharded is None:
+            with mapped():
+                info = await self.redis.info("server")
+            major = str(info.get("redis_version", "0")).split(".", 1)[0]
+            self._sharded = major.isdigit() and int(major) >= 7
+        return self._sharded
 
     def connection(self, key: str | None = None) -> AbstractConnection:
         """A bare connection with the same settings and no read timeout, for a subscriber
@@ -487,8 +498,8 @@ def connect(
     """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
     ``cluster=True``: the URL names one node of a Redis Cluster (or pass a ``RedisCluster``).
     ``sharded_channels``: channels use sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``, Redis
-    7+); the default is yes on a cluster, where plain pub/sub copies every message to
-    every node, and no elsewhere.
+    7+); the default is yes on a cluster of Redis 7+, where plain pub/sub copies every
+    message to every node, and no elsewhere.
 
     Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
     used as it is (including its retry policy) and stays open after ``mq`` closes.

@@ -162,7 +162,7 @@ async def test_sharded_channels_on_one_server(redis_url: str) -> None:
     """``sharded_channels=True`` outside a cluster (Redis 7+): SPUBLISH reaches shard
     subscribers only, on one connection for all channels; patterns are refused."""
     async with aioredmq.connect(redis_url, sharded_channels=True) as sharded, aioredmq.connect(redis_url) as plain:
-        assert not plain.sharded_channels
+        assert not await plain.channels_sharded()
         async with sharded.subscribe("s-a", "s-b") as sub, plain.subscribe("s-a") as unsharded:
             assert len(sub._links) == 1
             assert await sharded.channel("s-a").publish(1) == 1  # the plain subscriber does not count
@@ -171,6 +171,7 @@ async def test_sharded_channels_on_one_server(redis_url: str) -> None:
             assert await plain.channel("s-a").publish(3) == 1  # and PUBLISH reaches only it
             assert [m.body for m in await take(unsharded, 1)] == [3]
         with pytest.raises(aioredmq.ConfigError, match="sharded_channels=False"):
-            sharded.subscribe(patterns=["s-*"])
+            async with sharded.subscribe(patterns=["s-*"]):
+                pass
     with pytest.raises(aioredmq.ConfigError, match="sharded_channels"):
         aioredmq.connect(redis_url, sharded_channels="yes")  # type: ignore[arg-type]

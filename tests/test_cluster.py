@@ -197,7 +197,7 @@ async def test_channels_are_sharded_on_a_cluster_and_reach_their_subscribers(
 ) -> None:
     """SPUBLISH/SSUBSCRIBE by default: a subscription to channels on several masters
     holds one connection per slot and gets each channel's messages."""
-    assert cmq.sharded_channels
+    assert await cmq.channels_sharded()
     assert isinstance(cmq.redis, RedisCluster)
     await cmq.redis.initialize()  # the slot map
     names = [f"c-news-{i}" for i in range(6)]
@@ -213,7 +213,26 @@ async def test_channels_are_sharded_on_a_cluster_and_reach_their_subscribers(
     assert sorted(got) == sorted(names)
     assert alone == {"n": names[0]}
     with pytest.raises(aioredmq.ConfigError, match="sharded_channels=False"):
-        cmq.subscribe(patterns=["c-news-*"])
+        async with cmq.subscribe(patterns=["c-news-*"]):
+            pass
+
+
+async def test_a_cluster_older_than_redis_7_keeps_plain_channels(
+    cluster: RedisClusterServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sharded pub/sub came with Redis 7.0: on an older cluster the default is plain."""
+    async with aioredmq.connect(cluster.url, cluster=True) as mq:
+        real_info = mq.redis.info
+
+        async def info_of_6_2(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            return {**await real_info(*args, **kwargs), "redis_version": "6.2.14"}
+
+        monkeypatch.setattr(mq.redis, "info", info_of_6_2)
+        assert not await mq.channels_sharded()
+        async with mq.subscribe(patterns=["c-old-*"]) as sub:  # allowed: plain pub/sub
+            assert await mq.channel("c-old-1").publish(1) == 1
+            with anyio.fail_after(5):
+                assert (await sub.__anext__()).body == 1
 
 
 async def test_plain_channels_on_a_cluster_when_asked_for_with_patterns(cluster: RedisClusterServers) -> None:
