@@ -230,7 +230,7 @@ async def test_a_cluster_older_than_redis_7_keeps_plain_channels(
         monkeypatch.setattr(mq.redis, "info", info_of_6_2)
         assert not await mq.channels_sharded()
         async with mq.subscribe(patterns=["c-old-*"]) as sub:  # allowed: plain pub/sub
-            assert await mq.channel("c-old-1").publish(1) == 1
+            await mq.channel("c-old-1").publish(1)  # counts the subscribers of one node only
             with anyio.fail_after(5):
                 assert (await sub.__anext__()).body == 1
 
