@@ -312,8 +312,12 @@ async def test_a_stalled_server_absorbs_the_late_write_and_leaves_no_connection_
                 tg.cancel_scope.cancel()
             async with aioredis.Redis.from_url(server.url) as raw:
                 await ledger.check(raw, queue)
-    resends = [r.getMessage() for r in caplog.records if "already applied" in r.getMessage()]
-    assert resends, "no late write was absorbed: the stall proved nothing"
+    # The stall made the producer send its batch more than once; the ledger found each
+    # message exactly once, so one copy was dropped by its sequence number. Which copy
+    # depends on the order Redis reads its connections when it wakes: the late first try
+    # ("already applied" is then logged for the resend) or a resend nobody waits for.
+    resends = [r.getMessage() for r in caplog.records if "resending batch" in r.getMessage()]
+    assert resends, "no batch was sent twice: the stall proved nothing"
 
 
 async def _publish_into(ledger: Ledger, coro: Any, n: int) -> None:
