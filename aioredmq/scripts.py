@@ -133,19 +133,22 @@ async def _refresh(redis: RedisCluster) -> None:
 
 
 async def _exchange(conn: AbstractConnection, commands: list[tuple[Any, ...]], patience_s: float) -> list[Any]:
+    # redis-py drops the connection itself when a send or read fails or is cancelled.
+    # A read given its own timeout is the exception: when it runs out, it returns None
+    # and keeps the connection, whose late replies would then answer the next command.
     timeout = None if conn.socket_timeout is None else conn.socket_timeout + patience_s
+    await conn.send_packed_command(conn.pack_commands(commands))
     replies: list[Any] = []
-    try:
-        await conn.send_packed_command(conn.pack_commands(commands))
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response(timeout=timeout))
-            except ResponseError as exc:  # an error reply: the connection is fine, read on
-                replies.append(exc)
-    except BaseException:
-        # Replies may still be on their way (a cancel, a timeout): nobody else may read them.
-        await conn.disconnect(nowait=True)
-        raise
+    for _ in commands:
+        try:
+            reply = await conn.read_response(timeout=timeout)
+        except ResponseError as exc:  # an error reply: the connection is fine, read on
+            replies.append(exc)
+            continue
+        if reply is None:  # no script or WAIT of ours replies nil: the read timed out
+            await conn.disconnect(nowait=True)
+            raise TimeoutError(f"Redis did not reply within {timeout} s")
+        replies.append(reply)
     return replies
 
 

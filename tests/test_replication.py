@@ -11,7 +11,9 @@ import anyio
 import pytest
 
 import aioredmq
-from aioredmq.envelope import decode
+from aioredmq.envelope import decode, encode
+from aioredmq.ids import new_id
+from aioredmq.scripts import script
 from aioredmq.testing import RedisServer
 
 from .helpers import wait_for
@@ -145,3 +147,47 @@ async def _bodies(mq: aioredmq.Client, name: str) -> list[bytes]:
     """The bodies of every message in a queue's ready list (JSON integers here)."""
     raws: list[bytes] = await mq.redis.execute_command("LRANGE", mq.queue(name).keys.ready, 0, -1)
     return [decode(raw).body for raw in raws]
+
+
+async def test_a_wait_cancelled_mid_reply_leaves_no_stale_reply_in_the_pool(
+    replicated: tuple[RedisServer, RedisServer],
+) -> None:
+    """The script and its WAIT are read by hand; cancelled while WAIT blocks, the
+    connection must be dropped, or the next command on it would read WAIT's late reply."""
+    master, replica = replicated
+    async with aioredmq.connect(master.url, max_connections=1) as mq:
+        keys = mq.queue("durable-cancel").keys
+        publish = script("publish")
+        args = (1, 60_000, encode(new_id(), 1, 2, "json", None, b"1"))
+        replica.kill(signal.SIGSTOP)  # WAIT blocks for its whole timeout
+        try:
+            with anyio.move_on_after(0.2) as scope:
+                await publish.call_and_wait(mq.redis, (keys.ready, keys.producer("p")), args, 1, 1000)
+            assert scope.cancelled_caught
+            await anyio.sleep(1.0)  # WAIT's reply would have arrived by now
+            assert await mq.redis.execute_command("PING") is True  # the one pooled connection is fresh
+            assert await mq.redis.execute_command("LLEN", keys.ready) == 1
+        finally:
+            replica.kill(signal.SIGCONT)
+
+
+async def test_a_master_that_stalls_during_a_replicated_publish_leaves_no_stale_reply(
+    replicated: tuple[RedisServer, RedisServer],
+) -> None:
+    """A read that outlasts its timeout must drop the connection: the replies still on
+    their way would otherwise answer the next command sent on it. The publish resends
+    (under its sequence number) once the master is back, and is applied once."""
+    master, _ = replicated
+    async with aioredmq.connect(master.url, socket_timeout_s=0.2, max_connections=1) as mq:
+        q = mq.queue("durable-stall")
+        assert await mq.redis.execute_command("PING") is True  # the pool's one connection is open
+        master.kill(signal.SIGSTOP)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: q.publish({"n": 1}, replicas=1, replica_timeout_s=0.2))
+                await anyio.sleep(0.8)  # the first try's reads time out meanwhile
+                master.kill(signal.SIGCONT)
+        finally:
+            master.kill(signal.SIGCONT)
+        assert await mq.redis.execute_command("PING") is True
+        assert (await q.stats()).ready == 1
