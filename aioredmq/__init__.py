@@ -24,6 +24,7 @@ from .errors import DecodeError as DecodeError
 from .errors import MessageStateError as MessageStateError
 from .errors import MessageTooLargeError as MessageTooLargeError
 from .errors import NotReplicatedError as NotReplicatedError
+from .errors import OutOfMemoryError as OutOfMemoryError
 from .errors import PublishError as PublishError
 from .errors import PublishUnconfirmedError as PublishUnconfirmedError
 from .errors import RedisError as RedisError
@@ -72,6 +73,7 @@ __all__ = (
     "MessageTooLargeError",
     "MsgpackCodec",
     "NotReplicatedError",
+    "OutOfMemoryError",
     "PartitionedConsumer",
     "PartitionedQueue",
     "PartitionedStats",

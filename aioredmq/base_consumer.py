@@ -49,6 +49,7 @@ T = TypeVar("T")
 
 _MAX_SETTLE_BATCH = 1000
 _MAX_SETTLE_BYTES = 8 * 1024 * 1024
+_FAILURE_LOG_EVERY_S = 10.0
 
 
 def now_ms() -> int:
@@ -78,6 +79,8 @@ class ConsumerStats:
     """Streams: entries recovered from consumers that stopped renewing them."""
     trimmed: int = 0
     """Streams: pending entries found deleted (trimmed) before they were acked."""
+    groups_recreated: int = 0
+    """Streams: times this consumer found its group gone (data lost) and created it again."""
     connection_errors: int = 0
 
 
@@ -126,6 +129,7 @@ class BaseConsumer(Generic[T]):
         self._settled_all = asyncio.Event()
         self._settled_all.set()
         self._error: BaseException | None = None
+        self._failure_logged = 0.0
         self._stopped = False
         self._state = 0  # 0 new, 1 open, 2 closing/closed
         self._tasks = Tasks(on_crash=self._crashed)
@@ -306,13 +310,30 @@ class BaseConsumer(Generic[T]):
             await self._room.wait()
 
     async def _pause_after_failure(self, what: str, exc: AioredmqError, failures: int) -> None:
+        """Wait before the next try of a loop's step that failed. A lost link or a "not now"
+        (a failover, a restart) is retried every 0.2 s at most: it is over in seconds. Any
+        other error the server returned (full memory, lost data, a reply we do not know) is
+        retried too, backing off to 5 s. It is logged at its first failure and then at most
+        every 10 s, so an outage of minutes does not flood the log."""
         self.stats.connection_errors += 1
-        delay = min(0.05 * 2**failures, 0.2)  # short: a failover is over in seconds
-        log.warning("consumer %s: %s failed (%s); retrying in %.2fs", self.name, what, exc, delay)
+        transient = isinstance(exc, TRANSIENT)
+        delay = min(0.05 * 2**failures, 0.2 if transient else 5.0)
+        now = time.monotonic()
+        if failures == 1 or now - self._failure_logged >= _FAILURE_LOG_EVERY_S:
+            self._failure_logged = now
+            log.log(
+                logging.WARNING if transient else logging.ERROR,
+                "consumer %s: %s failed (%s); retrying until it succeeds (try %d)",
+                self.name,
+                what,
+                exc,
+                failures,
+            )
         await anyio.sleep(delay)
 
     def _fail(self, what: str, exc: AioredmqError) -> None:
-        """Not transient (wrong key type, missing permission, ...): the iterator raises it."""
+        """What no wait cures (a key of another type, a missing permission): the iterator
+        raises it. See :func:`aioredmq.errors.permanent`."""
         log.error("consumer %s: %s stopped: %s", self.name, what, exc)
         self._error = exc
         self._has_ready.open_all()
@@ -432,18 +453,12 @@ class BaseConsumer(Generic[T]):
                 try:
                     await self._flush_settles()
                     failures = 0
-                except TRANSIENT as exc:
-                    # Safe to resend: a settle already applied finds nothing to act on.
+                except AioredmqError as exc:
+                    # Whatever Redis said: dropping the batch would strand it with a consumer
+                    # that keeps its lease alive. Settles are idempotent (one already applied
+                    # finds nothing to act on): resend until Redis takes them.
                     failures += 1
                     await self._pause_after_failure("settle", exc, failures)
-                except AioredmqError as exc:
-                    # Refused (BUSY, READONLY, NOREPLICAS, MISCONF, ...). Dropping the batch
-                    # would strand it with a consumer that keeps its lease alive. Settles
-                    # are idempotent: retry, slowly.
-                    failures += 1
-                    delay = min(0.05 * 2**failures, 5.0)
-                    log.error("consumer %s: settle refused (%s); retrying in %.2fs", self.name, exc, delay)
-                    await anyio.sleep(delay)
             self._settled_all.set()
 
     async def _flush_settles(self) -> None:

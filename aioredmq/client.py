@@ -515,7 +515,7 @@ def connect(
         s = url_or_client
         if not s.addresses:
             raise ConfigError("Sentinels needs at least one sentinel address")
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             list(s.addresses),
             socket_timeout=connect_timeout_s,
             sentinel_kwargs={"password": s.sentinel_password, "socket_timeout": connect_timeout_s},

@@ -30,7 +30,7 @@ from .base_consumer import BaseConsumer, ConsumerStats
 from .commands import execute
 from .delayed import DueTimer
 from .envelope import decode, with_attempts
-from .errors import TRANSIENT, AioredmqError, DecodeError
+from .errors import TRANSIENT, AioredmqError, DecodeError, permanent
 from .message import Message
 from .scripts import script
 
@@ -116,16 +116,18 @@ class Consumer(BaseConsumer[T]):
                         continue
                     items = [item]
                 failures = 0
-            except TRANSIENT as exc:
+            except AioredmqError as exc:
                 if self._state != 1:
                     return
+                if permanent(exc):
+                    self._fail("fetch", exc)
+                    return
+                # Over maxmemory BLMOVE is refused (it may grow memory); the take script is
+                # not, and moves what there is: back to it, as after any failure.
                 idle = False
                 failures += 1
                 await self._pause_after_failure("fetch", exc, failures)
                 continue
-            except AioredmqError as exc:
-                self._fail("fetch", exc)
-                return
             self._accept(items)
 
     def _accept(self, items: list[bytes]) -> None:

@@ -10,7 +10,8 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     │   ├── ConnectionLostError              could not connect, or the link broke mid-command
     │   ├── RedisTimeoutError                the server did not answer within the socket timeout
     │   ├── UnavailableError                 the server refused for now (LOADING, BUSY, READONLY,
-    │   │                                    or a cluster slot moving / failing over)
+    │   │   │                                UNBLOCKED, or a cluster slot moving / failing over)
+    │   │   └── OutOfMemoryError (PublishError)  Redis is at ``maxmemory`` and refused a write
     │   ├── WrongTypeError                   a key holds another Redis type; the message names it
     │   ├── ClusterError                     Redis Cluster refused or could not route a command
     │   └── ResponseError                    any other error reply
@@ -39,6 +40,7 @@ __all__ = (
     "DecodeError",
     "MessageStateError",
     "MessageTooLargeError",
+    "OutOfMemoryError",
     "PublishError",
     "PublishUnconfirmedError",
     "RedisError",
@@ -48,6 +50,7 @@ __all__ = (
     "TRANSIENT",
     "UnavailableError",
     "WrongTypeError",
+    "permanent",
     "translate",
 )
 
@@ -81,10 +84,30 @@ class UnavailableError(RedisError):
     failover, too few replicas, a failed save. The same command may succeed later."""
 
 
-# Error replies that mean "not now" rather than "never" (the first word of the reply).
+# Error replies that mean "not now" rather than "never", by their code (the first word of
+# the reply). UNBLOCKED: a blocking read was cut short because the master became a replica
+# (or, for a stream, because its key was deleted). redis-py strips the code of some
+# replies (``-READONLY ...`` arrives as ReadOnlyError "You can't write against a read only
+# replica."), so :func:`translate` also matches their classes.
 _UNAVAILABLE = frozenset(
-    ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "MISCONF", "TRYAGAIN", "CLUSTERDOWN")
+    (
+        "LOADING",
+        "BUSY",
+        "READONLY",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "MISCONF",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "UNBLOCKED",
+        "MOVED",
+        "ASK",
+    )
 )
+_UNAVAILABLE_CLASSES = (rex.ReadOnlyError, rex.MasterDownError, rex.BusyLoadingError)
+# Codes redis-py strips from the text, by the class it raises instead (older redis-py
+# releases keep no ``status_code``).
+_STRIPPED = ((rex.ReadOnlyError, "READONLY"), (rex.NoPermissionError, "NOPERM"), (rex.MasterDownError, "MASTERDOWN"))
 
 
 class WrongTypeError(RedisError):
@@ -96,7 +119,12 @@ class ClusterError(RedisError):
 
 
 class ResponseError(RedisError):
-    """The server answered with an error reply."""
+    """The server answered with an error reply. ``code`` is its first word (``NOPERM``,
+    ``NOGROUP``, ``ERR``, ...), or None when it had none."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PublishError(AioredmqError):
@@ -124,6 +152,12 @@ class NotReplicatedError(PublishError):
     def __init__(self, message: str, replicated: int) -> None:
         super().__init__(message)
         self.replicated = replicated
+
+
+class OutOfMemoryError(PublishError, UnavailableError):
+    """Redis is over ``maxmemory`` (policy ``noeviction``) and refused a write that would
+    grow it. Nothing of the call was written. Consumers go on draining, which frees memory;
+    a publish raises this at once rather than waiting, so the caller can shed load."""
 
 
 class DecodeError(AioredmqError):
@@ -158,8 +192,12 @@ def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> Aior
     if isinstance(exc, _CLUSTER_IN_MOTION):
         return UnavailableError(f"Redis Cluster is moving the slot or failing over{where}: {type(exc).__name__} {exc}")
     text = str(exc)
-    if isinstance(exc, rex.ResponseError) and text.split(" ", 1)[0] in _UNAVAILABLE:
-        return UnavailableError(f"Redis refused for now{where}: {text}")
+    code = _code(exc, text)
+    if code == "OOM":
+        return OutOfMemoryError(f"Redis is at maxmemory and refused a write{where}: {text}")
+    if isinstance(exc, _UNAVAILABLE_CLASSES) or code in _UNAVAILABLE:
+        said = _with_code(code, text)
+        return UnavailableError(f"Redis refused for now{where}: {said}")
     if isinstance(exc, (rex.RedisClusterException, rex.ClusterError)):
         return ClusterError(f"Redis Cluster error{where}: {exc}")
     if "WRONGTYPE" in text:
@@ -168,8 +206,44 @@ def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> Aior
             f"this key name: pick another queue name or prefix. Server said: {text}"
         )
     if isinstance(exc, rex.ResponseError):
-        return ResponseError(f"Redis error{where}: {text}")
+        said = _with_code(code, text)
+        return ResponseError(f"Redis error{where}: {said}", code or None)
     return RedisError(f"Redis client error{where}: {exc!r}")
+
+
+def _with_code(code: str, text: str) -> str:
+    return text if not code or text.startswith(code) else f"{code} {text}"
+
+
+# Replies that no wait cures: the ACL user lacks a permission, or the server lacks a command.
+_NEEDS_AN_OPERATOR = frozenset(("NOPERM", "NOAUTH", "WRONGPASS"))
+
+
+def permanent(exc: AioredmqError) -> bool:
+    """True for errors that retrying cannot cure: a key that holds another Redis type, a
+    permission the ACL user lacks, a command the server does not have, a closed object.
+    A consumer's loop stops and raises these; it retries every other error, whatever the
+    server said, for as long as it takes (a failover, a restart, full memory, lost data)."""
+    if isinstance(exc, (WrongTypeError, ConfigError, ClosedError)):
+        return True
+    if isinstance(exc, ResponseError):
+        return exc.code in _NEEDS_AN_OPERATOR or "unknown command" in str(exc)
+    return False
+
+
+def _code(exc: BaseException, text: str) -> str:
+    """The error code of a reply: redis-py keeps it apart (``status_code``) for the codes it
+    strips; otherwise it is the first word of the text. A script's error reply keeps the
+    code of the command that failed inside it."""
+    if isinstance(exc, rex.OutOfMemoryError) or text.startswith("OOM command not allowed"):
+        return "OOM"
+    for cls, known in _STRIPPED:
+        if isinstance(exc, cls):
+            return known
+    code = getattr(exc, "status_code", None)
+    if not isinstance(code, str) or not code:
+        code = text.split(" ", 1)[0]
+    return code if code.isupper() else ""
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from .errors import (
     ConfigError,
     MessageTooLargeError,
     NotReplicatedError,
+    OutOfMemoryError,
     PublishUnconfirmedError,
 )
 from .ids import new_ids, stamped_id
@@ -186,6 +187,12 @@ class Producer:
                     reply = await self._script(self._client.redis, self._keys, args)
                 else:
                     reply, replicated = await self._script.call_and_wait(self._client.redis, self._keys, args, *wait)
+            except OutOfMemoryError as exc:
+                # Refused before anything was written. Waiting would hold the caller while
+                # only consumers can free memory: say so now, so the caller can shed load.
+                raise OutOfMemoryError(
+                    f"{len(envs)} message(s) to {self._name!r} were refused, nothing was queued: {exc}"
+                ) from exc
             except TRANSIENT as exc:
                 if delay is None:
                     raise PublishUnconfirmedError(

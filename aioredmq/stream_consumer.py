@@ -31,7 +31,7 @@ import anyio
 from .base_consumer import BaseConsumer
 from .commands import execute
 from .delayed import DueTimer
-from .errors import TRANSIENT, AioredmqError
+from .errors import AioredmqError, ResponseError, permanent
 from .message import Message
 from .scripts import script
 
@@ -49,6 +49,11 @@ GROUP_HEADER = "aioredmq-group"
 _LIST_PAGE = 1000
 _SWEEP_CALLS = 10
 _Listed = tuple[bytes, int, Any]  # entry id, delivery count, fields
+
+
+def _group_lost(exc: AioredmqError) -> bool:
+    """NOGROUP: the stream or its group does not exist (any more)."""
+    return isinstance(exc, ResponseError) and exc.code == "NOGROUP"
 
 
 def _as_is(response: Any, **options: Any) -> Any:
@@ -123,6 +128,25 @@ class StreamConsumer(BaseConsumer[T]):
     async def _open(self) -> None:
         await self.stream.create_group(self.group, self._start)
 
+    async def _recreate_group(self, exc: AioredmqError) -> None:
+        """The group is gone (Redis restarted without persistence, the stream was deleted or
+        flushed, a failover to a replica that never had it) while publishes may have gone
+        on: XADD recreates the stream without the group. Create it again from the start of
+        what the stream holds now, so nothing published after the loss is skipped; what the
+        group had delivered before the loss and was never acked is gone with it."""
+        created = await self.stream.create_group(self.group, "begin")
+        self._cursor = b"0-0"
+        if created:
+            self.stats.groups_recreated += 1
+            log.error(
+                "consumer %s: group %r of stream %r was lost (%s); created it again from the "
+                "start of what the stream holds now",
+                self.name,
+                self.group,
+                self.stream.name,
+                exc,
+            )
+
     # -- fetch -----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -162,15 +186,18 @@ class StreamConsumer(BaseConsumer[T]):
                     ">",
                     keys=(self._key,),
                 )
-            except TRANSIENT as exc:
+            except AioredmqError as exc:
                 if self._state != 1:
                     return
+                if permanent(exc):
+                    self._fail("fetch", exc)
+                    return
                 failures += 1
-                await self._pause_after_failure("fetch", exc, failures)
+                if _group_lost(exc):
+                    await self._recreate_group(exc)
+                else:
+                    await self._pause_after_failure("fetch", exc, failures)
                 continue
-            except AioredmqError as exc:
-                self._fail("fetch", exc)
-                return
             if reply:
                 self._accept([(entry_id, 1, fields) for entry_id, fields in _read_entries(reply)])
 
@@ -411,11 +438,7 @@ class StreamConsumer(BaseConsumer[T]):
             except AioredmqError as exc:
                 # Renewal is retried at the next beat; a due retry after a short pause.
                 failures += 1
-                if isinstance(exc, TRANSIENT):
-                    await self._pause_after_failure("lease renewal", exc, failures)
-                else:
-                    log.exception("consumer %s: lease renewal failed", self.name)
-                    await anyio.sleep(min(0.05 * 2**failures, 5.0))
+                await self._pause_after_failure("lease renewal", exc, failures)
             wake = min(t for t in (next_renew, self._next_due(), self._due.due) if t is not None)
             self._timer_wake.clear()
             with anyio.move_on_after(max(0.0, wake - time.monotonic())):

@@ -20,6 +20,15 @@ from aioredmq import errors
         (rex.TryAgainError("Multiple keys request during rehashing"), errors.UnavailableError),
         (rex.ResponseError("WRONGTYPE Operation against a key"), errors.WrongTypeError),
         (rex.ResponseError("NOPERM no permission"), errors.ResponseError),
+        (rex.ReadOnlyError("You can't write against a read only replica."), errors.UnavailableError),
+        (rex.ResponseError("UNBLOCKED force unblock from blocking operation"), errors.UnavailableError),
+        (rex.MasterDownError("Link with MASTER is down"), errors.UnavailableError),
+        (rex.BusyLoadingError("Redis is loading the dataset in memory"), errors.ConnectionLostError),
+        (rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), errors.OutOfMemoryError),
+        (
+            rex.ResponseError("OOM command not allowed when used memory > 'maxmemory'. script: x"),
+            errors.OutOfMemoryError,
+        ),
         (rex.DataError("bad"), errors.RedisError),
     ],
 )
@@ -28,6 +37,22 @@ def test_translation(raised: Exception, expected: type[errors.AioredmqError]) ->
         raise raised
     assert type(info.value) is expected
     assert info.value.__cause__ is raised
+
+
+def test_only_what_no_wait_cures_is_permanent() -> None:
+    assert errors.permanent(errors.translate(rex.ResponseError("WRONGTYPE Operation against a key")))
+    assert errors.permanent(
+        errors.translate(rex.NoPermissionError("this user has no permissions", status_code="NOPERM"))
+    )
+    assert errors.permanent(errors.translate(rex.ResponseError("ERR unknown command 'LMPOP'")))
+    for cured_by_waiting in (
+        rex.ReadOnlyError("You can't write against a read only replica."),
+        rex.ResponseError("NOGROUP No such key 's' or consumer group 'g'"),
+        rex.ResponseError("MISCONF Errors writing to the AOF file"),
+        rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        rex.ResponseError("ERR Error running script: something new"),
+    ):
+        assert not errors.permanent(errors.translate(cured_by_waiting)), cured_by_waiting
 
 
 def test_errors_of_ours_pass_through_unchanged() -> None:
@@ -52,10 +77,10 @@ async def test_a_connection_closed_under_a_command_is_a_lost_connection(redis_ur
         await conn.disconnect(nowait=True)  # what the other task does during this await
 
     conn.check_health = closed_meanwhile  # type: ignore[method-assign]
-    lost = pytest.raises(errors.ConnectionLostError, match="closed while a command used it")
-    with lost as info, errors.mapped("aioredmq:{q}:ready"):
+    # redis-py 8.2 raises ConnectionError itself ("closed by the server before write").
+    with pytest.raises(errors.ConnectionLostError) as info, errors.mapped("aioredmq:{q}:ready"):
         await conn.send_command("PING")
-    assert isinstance(info.value.__cause__, AttributeError | TypeError)
+    assert isinstance(info.value.__cause__, AttributeError | TypeError | rex.ConnectionError)
 
 
 def test_other_attribute_errors_are_not_taken_for_a_lost_connection() -> None:

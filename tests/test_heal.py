@@ -1,0 +1,102 @@
+"""Self-healing: the operational Redis events of a real deployment, on a real redis-server.
+
+A master demoted to a replica and promoted back (what a failover does to the old master),
+full memory, data lost to a restart without persistence or a FLUSHALL. Each scenario runs
+producers and consumers through the event and checks the ledger (tests/ledger.py): no
+confirmed message lost, and every loop still running afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+import aioredmq
+from aioredmq.testing import RedisServer, free_port
+
+from .helpers import wait_for
+from .ledger import Ledger
+from .test_crash import poll
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
+
+Source = aioredmq.Queue[Any] | aioredmq.Stream[Any]
+Fault = Callable[[aioredis.Redis], Awaitable[None]]
+
+
+def source_of(mq: aioredmq.Client, kind: str, name: str, **options: Any) -> Source:
+    return mq.queue(name, **options) if kind == "queue" else mq.stream(name, **options)
+
+
+async def demote_for_a_second(raw: aioredis.Redis) -> None:
+    """What a failover does to a master: it becomes a replica (of a master that is not
+    there, so it keeps its data and refuses writes), then is promoted again."""
+    await raw.execute_command("REPLICAOF", "127.0.0.1", free_port())
+    await anyio.sleep(1.0)
+    await raw.execute_command("REPLICAOF", "NO", "ONE")
+
+
+async def run_through(
+    ledger: Ledger,
+    mq: aioredmq.Client,
+    raw: aioredis.Redis,
+    source: Source,
+    fault: Fault,
+    *,
+    batch: int = 20,
+) -> None:
+    """Publish and consume while ``fault`` runs; then publish more and drain everything."""
+    stop = anyio.Event()
+    next_n = 0
+
+    async def produce() -> None:
+        nonlocal next_n
+        while not stop.is_set():
+            ns = range(next_n, next_n + batch)
+            next_n += batch
+            try:
+                await source.publish_many([{"n": n} for n in ns])
+            except aioredmq.AioredmqError:
+                ledger.maybe_published(ns)
+            else:
+                ledger.published(ns)
+            await anyio.sleep(0.01)
+
+    async def handler(msg: aioredmq.Message[Any]) -> None:
+        ledger.done(msg.body["n"], msg.deliveries)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: mq.run(source, handler, concurrency=8))
+        tg.start_soon(produce)
+        await wait_for(lambda: len(ledger.handled) > 100, 20, "load before the fault")
+        await fault(raw)
+        after = len(ledger.handled)
+        await wait_for(lambda: len(ledger.handled) > after + 200, 30, "work after the fault")
+        stop.set()
+        if isinstance(source, aioredmq.Queue):
+            await poll(ledger.drained(source), 30, "a full drain")
+        else:
+            await wait_for(lambda: ledger.confirmed <= set(ledger.handled), 30, "every confirmed entry")
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["queue", "stream"])
+async def test_a_master_demoted_for_a_second_loses_nothing_and_nothing_stops(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """READONLY on every write and UNBLOCKED on the blocked read: publishes wait it out
+    (none raises), the consumer's loops retry until the master takes writes again."""
+    ledger = Ledger(f"{kind}: the master demoted to a replica for 1 s, then promoted")
+    with RedisServer() as server, caplog.at_level(logging.WARNING, logger="aioredmq"):
+        async with aioredmq.connect(server.url) as mq, aioredis.Redis.from_url(server.url) as raw:
+            source = source_of(mq, kind, "h-demote", lease_s=2.0)
+            ledger.fault("REPLICAOF a master that is not there for 1 s, then REPLICAOF NO ONE")
+            await run_through(ledger, mq, raw, source, demote_for_a_second)
+            await ledger.check(raw, source)
+    assert not ledger.unconfirmed, "a publish raised during a 1 s demotion"
+    assert not any("stopped" in r.getMessage() for r in caplog.records), "a loop stopped for good"
