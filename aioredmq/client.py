@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from .codecs import Codec
 from .commands import AnyRedis
 from .config import RetryPolicy, check_positive
-from .errors import ClosedError, ConfigError, mapped
+from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, mapped
 from .keys import check_name
 from .observe import Metrics, Tracing
 from .tasks import Tasks
@@ -152,7 +152,31 @@ class Client:
         if self._state is not _State.UNOPENED:
             raise ClosedError("a Client can be opened only once; call connect() again")
         self._state = _State.OPENED
+        self._tasks.spawn(self._check_memory_policy(), "aioredmq-memory-policy")
         return self
+
+    async def _check_memory_policy(self) -> None:
+        """Warn once when Redis may evict keys: with any ``maxmemory-policy`` but
+        ``noeviction`` a full Redis deletes keys, queues among them. Asked once Redis
+        answers; skipped where CONFIG is not allowed (a managed service, an ACL user)."""
+        for delay in (*(0.5,) * 4, *(5.0,) * 11):
+            try:
+                with mapped():
+                    reply = await self.redis.config_get("maxmemory-policy")
+            except TRANSIENT:
+                await anyio.sleep(delay)
+                continue
+            except AioredmqError as exc:
+                log.debug("not checking maxmemory-policy: %s", exc)
+                return
+            evicting = sorted({p for p in _policies(reply) if p != "noeviction"})
+            if evicting:
+                log.warning(
+                    "Redis has maxmemory-policy %s: once full, it deletes keys, and messages with "
+                    "them. Set maxmemory-policy noeviction on the Redis that holds queues.",
+                    "/".join(evicting),
+                )
+            return
 
     async def __aexit__(
         self,
@@ -431,6 +455,21 @@ def _cluster_auth(rc: RedisCluster) -> dict[str, Any]:
     if any(kwargs.get(k) is not None for k in _SSL_KEYS):
         out.update(ssl=True, **{k: kwargs[k] for k in _SSL_KEYS if kwargs.get(k) is not None})
     return out
+
+
+def _policies(reply: Any) -> list[str]:
+    """The ``maxmemory-policy`` values in a CONFIG GET reply (a cluster client's may hold
+    one per node)."""
+    if isinstance(reply, dict):
+        found: list[str] = []
+        for key, value in reply.items():
+            name = key.decode() if isinstance(key, bytes) else key
+            if name == "maxmemory-policy":
+                found.append(value.decode() if isinstance(value, bytes) else str(value))
+            else:
+                found += _policies(value)
+        return found
+    return []
 
 
 async def _close(redis: AnyRedis) -> None:

@@ -25,7 +25,7 @@ from .commands import execute, pipeline
 from .config import RetryPolicy, check_positive
 from .dead import DeadLetters
 from .envelope import DeadRecord, Envelope, encode
-from .errors import ConfigError, ResponseError
+from .errors import ConfigError, OutOfMemoryError, ResponseError
 from .keys import StreamKeys, check_name
 from .producer import Producer, Publishing
 from .scripts import script
@@ -150,7 +150,26 @@ class Stream(Publishing[T]):
             if "BUSYGROUP" in str(exc):
                 return False
             raise
+        except OutOfMemoryError:
+            # Over maxmemory XGROUP CREATE is refused before Redis looks for the group: a
+            # consumer of an existing group must still open, to drain what fills memory.
+            if group in await self._group_names():
+                return False
+            raise
         return True
+
+    async def _group_names(self) -> set[str]:
+        key = self.keys.stream
+        try:
+            groups = await execute(self.client.redis, "XINFO", "GROUPS", key, keys=(key,))
+        except ResponseError:  # no such key
+            return set()
+        names = set()
+        for g in groups:
+            fields = g if isinstance(g, dict) else dict(zip(g[::2], g[1::2], strict=True))
+            name = fields.get("name", fields.get(b"name"))
+            names.add(name.decode() if isinstance(name, bytes) else str(name))
+        return names
 
     def consume(
         self,

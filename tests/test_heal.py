@@ -100,3 +100,79 @@ async def test_a_master_demoted_for_a_second_loses_nothing_and_nothing_stops(
             await ledger.check(raw, source)
     assert not ledger.unconfirmed, "a publish raised during a 1 s demotion"
     assert not any("stopped" in r.getMessage() for r in caplog.records), "a loop stopped for good"
+
+
+# -- full memory ------------------------------------------------------------------------
+
+
+async def fill_then_cap(raw: aioredis.Redis, source: Source, ledger: Ledger, n: int) -> None:
+    """Publish ``n`` messages of about 1 KB, then cap maxmemory below what Redis uses."""
+    pad = "x" * 1000
+    for start in range(0, n, 1000):
+        ns = range(start, min(n, start + 1000))
+        await source.publish_many([{"n": i, "pad": pad} for i in ns])
+        ledger.published(ns)
+    used = int((await raw.info("memory"))["used_memory"])
+    await raw.config_set("maxmemory", str(used - 2_000_000))
+
+
+@pytest.mark.parametrize("kind", ["queue", "stream"])
+async def test_a_full_redis_refuses_publishes_by_name_and_its_consumers_drain_it(kind: str) -> None:
+    """maxmemory with noeviction, and Redis over it: a publish raises OutOfMemoryError and
+    writes nothing; consumers still take, renew their leases and ack, which frees memory."""
+    ledger = Ledger(f"{kind}: Redis over maxmemory (noeviction) holding 12,600 messages")
+    n = 12_600
+    with RedisServer("--maxmemory-policy", "noeviction") as server:
+        async with aioredmq.connect(server.url) as mq, aioredis.Redis.from_url(server.url) as raw:
+            source = source_of(mq, kind, "h-full", lease_s=1.5)
+            if isinstance(source, aioredmq.Stream):
+                await source.create_group("default")
+            await fill_then_cap(raw, source, ledger, n)
+            ledger.fault("maxmemory set 2 MB below the memory in use")
+            before = await raw.dbsize(), int((await raw.info("memory"))["used_memory"])
+            with pytest.raises(aioredmq.OutOfMemoryError, match="nothing was queued"):
+                await source.publish({"n": -1})
+            with pytest.raises(aioredmq.OutOfMemoryError):
+                await source.publish_many([{"n": -2}, {"n": -3}])
+            assert isinstance(aioredmq.OutOfMemoryError("x"), aioredmq.PublishError)
+            assert (await raw.dbsize(), int((await raw.info("memory"))["used_memory"]))[0] == before[0]
+
+            async def handler(msg: aioredmq.Message[Any]) -> None:
+                ledger.done(msg.body["n"], msg.deliveries)
+
+            with anyio.move_on_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: mq.run(source, handler, concurrency=16))
+                    await wait_for(lambda: len(ledger.handled) >= n, 50, "a full drain")
+                    if isinstance(source, aioredmq.Queue):
+                        await poll(ledger.drained(source), 10, "nothing held")
+                    tg.cancel_scope.cancel()
+            assert len(ledger.handled) == n, f"drained {len(ledger.handled)} of {n} over maxmemory"
+            if isinstance(source, aioredmq.Stream):
+                await raw.xtrim(source.keys.stream, maxlen=0)  # what retention would do
+            await source.publish({"n": n})  # memory is back under the cap: publishes work again
+            ledger.published([n])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: mq.run(source, handler, concurrency=4))
+                await wait_for(lambda: str(n) in ledger.handled, 10, "the publish after the drain")
+                tg.cancel_scope.cancel()
+            await ledger.check(raw, source)
+
+
+@pytest.mark.parametrize(("policy", "warned"), [("allkeys-lru", True), ("noeviction", False)])
+async def test_connect_warns_once_when_redis_may_evict_queue_keys(
+    policy: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RedisServer("--maxmemory-policy", policy) as server, caplog.at_level(logging.WARNING, logger="aioredmq"):
+        async with aioredmq.connect(server.url) as mq:
+            await mq.queue("h-policy").publish({"n": 1})
+            await anyio.sleep(0.2)
+    said = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert said == (
+        [
+            f"Redis has maxmemory-policy {policy}: once full, it deletes keys, and messages with them. "
+            "Set maxmemory-policy noeviction on the Redis that holds queues."
+        ]
+        if warned
+        else []
+    )

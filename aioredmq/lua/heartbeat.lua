@@ -10,6 +10,10 @@
 -- expired consumer names...}.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- Over maxmemory, Redis refuses a command that may grow memory only as a script's first
+-- write; a consumer must renew its lease all the same (it is what drains a full Redis),
+-- so a write that cannot grow memory goes first.
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local next_due = -1
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')

@@ -29,8 +29,10 @@ if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[1], me)
   return {0, redis.call('ZCARD', KEYS[1])}
 end
-redis.call('ZADD', KEYS[1], now + lease, me)
+-- Forget expired members before renewing: over maxmemory only a script's first write is
+-- checked, and this one cannot grow memory, so a full Redis does not cost the holds.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+redis.call('ZADD', KEYS[1], now + lease, me)
 -- Quotas add up to exactly n: floor(n / live) each, one more for the first n % live
 -- members by name, so no member idles while another holds more than its share.
 local names = redis.call('ZRANGE', KEYS[1], 0, -1)

@@ -19,6 +19,9 @@ if deadline and tonumber(deadline) >= now and not force then
 end
 local max = tonumber(ARGV[2])
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
+-- The in-flight list goes first: over maxmemory only a script's first write is checked
+-- (the pushes below may grow memory), and this one frees.
+redis.call('DEL', KEYS[2])
 local requeued, dead = 0, 0
 -- Newest first: each RPUSH goes to the front, so the oldest ends up first in line again.
 for i = 1, #items do
@@ -41,7 +44,6 @@ for i = 1, #items do
     dead = dead + 1
   end
 end
-redis.call('DEL', KEYS[2])
 -- Keep an expired entry for a while: a partitioned consumer's last blocking move may still
 -- land in its in-flight list, and the next reap must find it.
 if force or (deadline and tonumber(deadline) + tonumber(ARGV[3]) < now and #items == 0) then

@@ -58,11 +58,13 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local marked = false
 for i = k + 2, #ARGV, 4 do
   local action = ARGV[i + 1]
+  -- LREM first: over maxmemory only a script's first write is checked, and this one frees.
+  local removed = redis.call('LREM', inflight, -1, ARGV[i])
   if action == 'M' then
     redis.call('ZADD', KEYS[6], now + tonumber(ARGV[i + 3]), ARGV[i + 2])
     marked = true
   end
-  if redis.call('LREM', inflight, -1, ARGV[i]) == 0 then
+  if removed == 0 then
     late[#late + 1] = k + (i - k + 2) / 4
   else
     if action == 'F' then

@@ -6,10 +6,12 @@
 -- ARGV[2] consumer name
 -- ARGV[3] lease length, in ms
 -- Returns the moved envelopes, oldest first (an empty array when ready is empty).
+-- Over maxmemory, Redis refuses a command that may grow memory only as a script's first
+-- write: RPOP (which frees) goes first, so a full Redis can still be drained.
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
-local items = redis.call('RPOP', KEYS[1], ARGV[1])
 if not items then
   return {}
 end
