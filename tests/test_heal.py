@@ -49,23 +49,30 @@ async def run_through(
     fault: Fault,
     *,
     batch: int = 20,
+    losing: bool = False,
 ) -> None:
-    """Publish and consume while ``fault`` runs; then publish more and drain everything."""
+    """Publish and consume while ``fault`` runs; then publish more and drain everything.
+    ``losing``: the fault loses data, so only what is confirmed after it must arrive."""
     stop = anyio.Event()
+    quiet = anyio.Lock()  # held by a fault that must not race a publish
     next_n = 0
 
     async def produce() -> None:
-        nonlocal next_n
         while not stop.is_set():
-            ns = range(next_n, next_n + batch)
-            next_n += batch
-            try:
-                await source.publish_many([{"n": n} for n in ns])
-            except aioredmq.AioredmqError:
-                ledger.maybe_published(ns)
-            else:
-                ledger.published(ns)
+            async with quiet:
+                await publish_one_batch()
             await anyio.sleep(0.01)
+
+    async def publish_one_batch() -> None:
+        nonlocal next_n
+        ns = range(next_n, next_n + batch)
+        next_n += batch
+        try:
+            await source.publish_many([{"n": n} for n in ns])
+        except aioredmq.AioredmqError:
+            ledger.maybe_published(ns)
+        else:
+            ledger.published(ns)
 
     async def handler(msg: aioredmq.Message[Any]) -> None:
         ledger.done(msg.body["n"], msg.deliveries)
@@ -74,7 +81,14 @@ async def run_through(
         tg.start_soon(lambda: mq.run(source, handler, concurrency=8))
         tg.start_soon(produce)
         await wait_for(lambda: len(ledger.handled) > 100, 20, "load before the fault")
-        await fault(raw)
+        if losing:
+            async with quiet:
+                await fault(raw)
+                # What was confirmed before the loss may be gone with it; nothing after.
+                ledger.unconfirmed |= ledger.confirmed
+                ledger.confirmed.clear()
+        else:
+            await fault(raw)
         after = len(ledger.handled)
         await wait_for(lambda: len(ledger.handled) > after + 200, 30, "work after the fault")
         stop.set()
@@ -176,3 +190,43 @@ async def test_connect_warns_once_when_redis_may_evict_queue_keys(
         if warned
         else []
     )
+
+
+# -- data loss --------------------------------------------------------------------------
+
+
+async def flushall(raw: aioredis.Redis) -> None:
+    await raw.flushall()
+
+
+async def restart_without_persistence(server: RedisServer) -> Fault:
+    async def restart(raw: aioredis.Redis) -> None:
+        server.kill()
+        await anyio.sleep(0.3)
+        server.start()
+
+    return restart
+
+
+@pytest.mark.parametrize("kind", ["queue", "stream"])
+@pytest.mark.parametrize("event", ["flushall", "restart"])
+async def test_after_data_loss_every_publish_confirmed_since_is_delivered(
+    kind: str, event: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FLUSHALL, or a restart of a Redis without persistence, under running consumers: a
+    stream's group is gone (NOGROUP; UNBLOCKED for a blocked read) while publishes
+    recreate the stream without it. The consumer creates its group again from the start
+    of what the stream now holds, so nothing confirmed after the loss is skipped."""
+    what = "FLUSHALL" if event == "flushall" else "redis-server SIGKILLed, restarted empty (no persistence)"
+    ledger = Ledger(f"{kind}: data lost under running consumers ({what})")
+    with RedisServer("--save", "", "--appendonly", "no") as server, caplog.at_level(logging.WARNING, "aioredmq"):
+        async with aioredmq.connect(server.url, socket_timeout_s=2.0) as mq, aioredis.Redis.from_url(server.url) as raw:
+            source = source_of(mq, kind, "h-lost", lease_s=1.5)
+            fault = flushall if event == "flushall" else await restart_without_persistence(server)
+            ledger.fault(what)
+            await run_through(ledger, mq, raw, source, fault, losing=True)
+            await ledger.check(raw, source)
+    assert len(ledger.confirmed) >= 200
+    if kind == "stream":
+        assert any("created it again" in r.getMessage() for r in caplog.records)
+    assert not any("stopped" in r.getMessage() for r in caplog.records), "a loop stopped for good"
