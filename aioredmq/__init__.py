@@ -41,7 +41,9 @@ from .partitioned import PartitionedStats as PartitionedStats
 from .queue import Queue as Queue
 from .queue import QueueStats as QueueStats
 from .runner import run as run
+from .service import RunnerHealth as RunnerHealth
 from .service import Service as Service
+from .service import ServiceHealth as ServiceHealth
 from .stream import ConsumerInfo as ConsumerInfo
 from .stream import GroupStats as GroupStats
 from .stream import Stream as Stream
@@ -86,8 +88,10 @@ __all__ = (
     "RedisTimeoutError",
     "ResponseError",
     "RetryPolicy",
+    "RunnerHealth",
     "Sentinels",
     "Service",
+    "ServiceHealth",
     "SlowSubscriberError",
     "Stream",
     "StreamConsumer",

@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
@@ -31,7 +32,7 @@ from .codecs import Codec
 from .config import RetryPolicy, check_positive
 from .delayed import DueTimer
 from .envelope import Envelope, decode, encode_dead
-from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError
+from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError, permanent
 from .keys import check_name
 from .message import Message
 from .scripts import script
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from .commands import AnyRedis
     from .producer import Publishing
 
-__all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms")
+__all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms", "until_done")
 
 log = logging.getLogger("aioredmq.consumer")
 T = TypeVar("T")
@@ -82,6 +83,31 @@ class ConsumerStats:
     groups_recreated: int = 0
     """Streams: times this consumer found its group gone (data lost) and created it again."""
     connection_errors: int = 0
+
+
+async def until_done(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``step`` until it succeeds, as a loop retries: Redis down, restarting, loading,
+    busy with a script, or a pooled connection it dropped while idle all only delay it.
+    What no wait cures raises (:func:`aioredmq.errors.permanent`). Logged at the first
+    failure, then every 10 s, so a worker started before Redis says what it waits for."""
+    failures = 0
+    logged = 0.0
+    while True:
+        try:
+            await step()
+        except AioredmqError as exc:
+            if permanent(exc):
+                raise
+            failures += 1
+            now = time.monotonic()
+            if failures == 1 or now - logged >= _FAILURE_LOG_EVERY_S:
+                logged = now
+                log.warning("%s failed (%s); waiting for Redis, retrying (try %d)", what, exc, failures)
+            await anyio.sleep(min(0.05 * 2**failures, 0.2 if isinstance(exc, TRANSIENT) else 5.0))
+            continue
+        if failures:
+            log.warning("%s succeeded after %d failed tries", what, failures)
+        return
 
 
 class BaseConsumer(Generic[T]):
@@ -129,7 +155,7 @@ class BaseConsumer(Generic[T]):
         self._settled_all = asyncio.Event()
         self._settled_all.set()
         self._error: BaseException | None = None
-        self._failure_logged = 0.0
+        self._failure_logged = -_FAILURE_LOG_EVERY_S
         self._stopped = False
         self._state = 0  # 0 new, 1 open, 2 closing/closed
         self._tasks = Tasks(on_crash=self._crashed)
@@ -192,8 +218,7 @@ class BaseConsumer(Generic[T]):
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         client.consumers.add(self)
         try:
-            await self._open()  # first: a stream's group must exist before due entries are appended
-            await self._due.open()
+            await until_done(self._open_in_redis, f"consumer {self.name}: opening")
         except BaseException:
             self._state = 2
             self._due.close()
@@ -204,6 +229,10 @@ class BaseConsumer(Generic[T]):
         self._tasks.spawn(self._settle_loop(), f"aioredmq-settle-{self.name}")
         self._tasks.spawn(self._timer_loop(), f"aioredmq-timer-{self.name}")
         return self
+
+    async def _open_in_redis(self) -> None:
+        await self._open()  # first: a stream's group must exist before due entries are appended
+        await self._due.open()
 
     def _crashed(self, exc: BaseException) -> None:
         self._error = exc
@@ -313,13 +342,13 @@ class BaseConsumer(Generic[T]):
         """Wait before the next try of a loop's step that failed. A lost link or a "not now"
         (a failover, a restart) is retried every 0.2 s at most: it is over in seconds. Any
         other error the server returned (full memory, lost data, a reply we do not know) is
-        retried too, backing off to 5 s. It is logged at its first failure and then at most
-        every 10 s, so an outage of minutes does not flood the log."""
+        retried too, backing off to 5 s. Failures are logged at most once per 10 s, so an
+        outage of minutes does not flood the log."""
         self.stats.connection_errors += 1
         transient = isinstance(exc, TRANSIENT)
         delay = min(0.05 * 2**failures, 0.2 if transient else 5.0)
         now = time.monotonic()
-        if failures == 1 or now - self._failure_logged >= _FAILURE_LOG_EVERY_S:
+        if now - self._failure_logged >= _FAILURE_LOG_EVERY_S:
             self._failure_logged = now
             log.log(
                 logging.WARNING if transient else logging.ERROR,

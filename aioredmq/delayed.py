@@ -65,8 +65,9 @@ class DueTimer:
 
     async def open(self) -> None:
         """Hear of new earliest due times, then move what is due already."""
-        watcher = await self._client.due_watcher()
-        self._stop = watcher.watch(self._channel, self.hint)
+        if self._stop is None:  # a retried open watches once
+            watcher = await self._client.due_watcher()
+            self._stop = watcher.watch(self._channel, self.hint)
         await self.promote()
 
     def close(self) -> None:

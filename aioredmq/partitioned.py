@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import anyio
 
-from .base_consumer import default_consumer_name
+from .base_consumer import default_consumer_name, until_done
 from .codecs import Codec
 from .commands import execute, pipeline
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .envelope import with_attempts
-from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError
+from .errors import AioredmqError, ClosedError, ConfigError
 from .keys import PartitionKeys, check_name
 from .message import Message
 from .producer import replica_wait
@@ -347,6 +347,7 @@ class PartitionedConsumer(Generic[T]):
         self._lease_ms = int(pq.lease_s * 1000)
         self._subs: dict[int, _PartitionConsumer[T]] = {}
         self._leaving: set[int] = set()  # being handed over
+        self._giving_up: set[int] = set()  # handed over; the next balance call releases them
         self._busy: dict[tuple[int, str | None], Message[T]] = {}
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # a handed-out message was settled
@@ -383,8 +384,7 @@ class PartitionedConsumer(Generic[T]):
         self.client.check_open()
         self._state = 1
         try:
-            async with self._balancing:
-                await self._balance()
+            await until_done(self._balance_once, f"member {self.name} of {self.label}: opening")
         except BaseException:
             self._state = 2
             with anyio.CancelScope(shield=True):
@@ -429,13 +429,15 @@ class PartitionedConsumer(Generic[T]):
 
     # -- balancing -------------------------------------------------------------------
 
-    async def _call_balance(self, *, leave: bool = False, give_up: Iterable[int] = ()) -> list[int]:
+    async def _call_balance(self, *, leave: bool = False) -> list[int]:
         k = self.pq.keys
+        giving_up = sorted(self._giving_up)
         fair, live, *mine = await script("partition_balance")(
             self.client.redis,
             (k.members, k.holders, k.holds),
-            (self.name, self._lease_ms, len(self.pq.partitions), int(leave), *give_up),
+            (self.name, self._lease_ms, len(self.pq.partitions), int(leave), *giving_up),
         )
+        self._giving_up.difference_update(giving_up)
         self.fair_share, self.members = int(fair), int(live)
         return [int(p) for p in mine]
 
@@ -471,21 +473,33 @@ class PartitionedConsumer(Generic[T]):
                 return
             await self._close_subs([index])
             self._leaving.discard(index)
-            await self._call_balance(give_up=[index])
+            # Given up in Redis by the next balance call, this one or a later one if Redis
+            # does not answer now: until then the hold lapses unrenewed, and is not taken back.
+            self._giving_up.add(index)
+            try:
+                await self._call_balance()
+            except AioredmqError as exc:
+                log.warning(
+                    "member %s of %s: releasing partition %d failed (%s); the next balance releases it",
+                    self.name,
+                    self.label,
+                    index,
+                    exc,
+                )
+                return
         log.info("member %s handed partition %d of %s over", self.name, index, self.label)
 
+    async def _balance_once(self) -> None:
+        async with self._balancing:
+            await self._balance()
+
     async def _balance_loop(self) -> None:
+        """Renew holds every ``lease_s / 3``; after a failure, retry sooner, whatever it was:
+        a member that stopped balancing would keep consuming partitions it no longer holds."""
         interval = self.pq.lease_s / 3
-        failures = 0
         while self._state == 1:
-            await anyio.sleep(interval if not failures else min(0.05 * 2**failures, interval))
-            try:
-                async with self._balancing:
-                    await self._balance()
-                failures = 0
-            except TRANSIENT as exc:
-                failures += 1
-                log.warning("member %s of %s: balancing failed (%s)", self.name, self.label, exc)
+            await anyio.sleep(interval)
+            await until_done(self._balance_once, f"member {self.name} of {self.label}: balancing")
 
     # -- hand-out in key order -------------------------------------------------------
 

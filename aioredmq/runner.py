@@ -43,6 +43,7 @@ async def run(
     grace_s: float = 30.0,
     name: str | None = None,
     idempotency: Idempotency | None = None,
+    opened: Callable[[], None] | None = None,
 ) -> None:
     """Run ``handler`` on every message of ``queue`` (or of a stream, as a member of
     ``group``, by default ``"default"``) until cancelled.
@@ -52,7 +53,8 @@ async def run(
     ``max_deliveries``. ``prefetch`` defaults to twice ``concurrency``, and at least 64: a
     handful of messages per round trip costs more in round trips than it saves.
     With ``idempotency``, a message whose id is marked processed is acked without
-    running the handler, and a success writes the marker with the ack.
+    running the handler, and a success writes the marker with the ack. ``opened`` is
+    called once the consumer is open (it waits for Redis first).
     """
     check_positive("concurrency", concurrency, integer=True)
     check_positive("grace_s", grace_s, zero=True)
@@ -71,6 +73,8 @@ async def run(
     else:
         consumer = queue.consume(prefetch=prefetch, name=name)
     async with consumer:
+        if opened is not None:
+            opened()
         shield = anyio.CancelScope(shield=True)
         try:
             async with anyio.create_task_group() as tg:

@@ -15,7 +15,9 @@ are flushed, and only then is the connection closed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -25,14 +27,14 @@ import anyio
 from redis.asyncio import Redis
 
 from .client import Client, connect
-from .errors import ClosedError, ConfigError
+from .errors import AioredmqError, ClosedError, ConfigError
 from .idempotency import Idempotency
 from .message import Message
 from .partitioned import PartitionedQueue
 from .queue import Queue
 from .stream import Stream
 
-__all__ = ("Service",)
+__all__ = ("RunnerHealth", "Service", "ServiceHealth")
 
 log = logging.getLogger("aioredmq.service")
 
@@ -47,6 +49,32 @@ class _Runner:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+# A runner that failed waits this long before it starts again, doubling per failure in a row.
+_RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class RunnerHealth:
+    """One handler runner of a :class:`Service`."""
+
+    name: str
+    """The source it consumes (``queue:orders``, ``stream:events/billing``, ...)."""
+    state: str
+    """``"starting"`` (waiting for Redis), ``"running"``, ``"restarting"`` (after a
+    failure, waiting its backoff) or ``"stopped"`` (a programming error: not restarted)."""
+    restarts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    """What a readiness probe needs: ``ready`` when every runner consumes."""
+
+    running: bool
+    ready: bool
+    runners: tuple[RunnerHealth, ...]
+
+
 class Service:
     """A connection and the handlers that run while a service runs."""
 
@@ -56,6 +84,7 @@ class Service:
         self._runners: list[_Runner] = []
         self._client: Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._health: list[RunnerHealth] = []
 
     # -- what runs ---------------------------------------------------------------------
 
@@ -127,19 +156,74 @@ class Service:
         self._client = client
         loop = asyncio.get_running_loop()
         try:
-            for i, runner in enumerate(self._runners):
-                source = runner.source(client)
-                coro = client.run(source, runner.handler, **runner.options)
-                task = loop.create_task(coro, name=f"aioredmq-service-{i}")
-                task.add_done_callback(self._ended)
+            sources = [runner.source(client) for runner in self._runners]
+            self._health = [
+                RunnerHealth(_name(src, r.options), "starting", 0, None)
+                for src, r in zip(sources, self._runners, strict=True)
+            ]
+            for i, (runner, source) in enumerate(zip(self._runners, sources, strict=True)):
+                task = loop.create_task(self._supervise(i, runner, source), name=f"aioredmq-service-{i}")
                 self._tasks.append(task)
         except BaseException:
             await self.stop()  # a bad source: stop what started, close the connection
             raise
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a handler runner stopped: %r", task.exception(), exc_info=task.exception())
+    async def _supervise(self, i: int, runner: _Runner, source: Source) -> None:
+        """Run one runner for as long as the service runs. Redis being down or refusing only
+        delays it (its consumer waits for Redis when it opens, and retries in its loops);
+        an error that still ends the runner (a key of another type, a missing permission:
+        an operator can fix both while the app runs) restarts it with backoff. An error
+        that is not aioredmq's is a programming error: logged, and not restarted."""
+        from .runner import run
+
+        failures = 0
+        while True:
+            opened = False
+            began = time.monotonic()
+
+            def on_open() -> None:
+                nonlocal opened
+                opened = True
+                self._set(i, state="running")
+
+            try:
+                await run(source, runner.handler, **runner.options, opened=on_open)
+                error: BaseException = ClosedError("the runner's consumer ended")
+            except AioredmqError as exc:
+                error = exc
+            except Exception as exc:
+                self._set(i, state="stopped", last_error=repr(exc))
+                log.error("handler runner %s stopped: %r", self._health[i].name, exc, exc_info=exc)
+                return
+            # A runner that ran a good while starts its backoff afresh.
+            ran_a_while = opened and time.monotonic() - began > _RESTART_DELAYS_S[-1]
+            failures = 1 if ran_a_while else failures + 1
+            delay = _RESTART_DELAYS_S[min(failures, len(_RESTART_DELAYS_S)) - 1]
+            self._set(i, state="restarting", restarts=self._health[i].restarts + 1, last_error=repr(error))
+            log.error(
+                "handler runner %s failed (%r); restarting in %.1f s",
+                self._health[i].name,
+                error,
+                delay,
+                exc_info=error if failures == 1 else None,
+            )
+            await anyio.sleep(delay)
+            self._set(i, state="starting")
+
+    def _set(self, i: int, **changes: Any) -> None:
+        self._health[i] = dataclasses.replace(self._health[i], **changes)
+
+    def health(self) -> ServiceHealth:
+        """The state of each runner, for a readiness probe: ``health().ready`` is true while
+        the service runs and every runner's consumer is open and consuming."""
+        runners = tuple(self._health) if self._client is not None else ()
+        running = self._client is not None
+        return ServiceHealth(running, running and all(r.state == "running" for r in runners), runners)
+
+    @property
+    def ready(self) -> bool:
+        """``health().ready``."""
+        return self.health().ready
 
     async def stop(self) -> None:
         """Stop the handlers gracefully, then flush and close the connection."""
@@ -161,3 +245,11 @@ class Service:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _name(source: Source, options: dict[str, Any]) -> str:
+    if isinstance(source, Stream):
+        return f"stream:{source.name}/{options.get('group') or 'default'}"
+    if isinstance(source, PartitionedQueue):
+        return f"partitioned:{source.name}"
+    return f"queue:{source.name}"

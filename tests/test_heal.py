@@ -8,13 +8,16 @@ confirmed message lost, and every loop still running afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 
 import aioredmq
 from aioredmq.testing import RedisServer, free_port
@@ -230,3 +233,129 @@ async def test_after_data_loss_every_publish_confirmed_since_is_delivered(
     if kind == "stream":
         assert any("created it again" in r.getMessage() for r in caplog.records)
     assert not any("stopped" in r.getMessage() for r in caplog.records), "a loop stopped for good"
+
+
+# -- opening while Redis is down, busy, or has dropped idle connections -----------------
+
+
+async def test_a_service_started_before_redis_consumes_once_redis_is_up() -> None:
+    """The FastAPI lifespan / aiohttp set-up start the service with the app, Redis or not:
+    its runner waits for Redis (health says "starting"), then consumes."""
+    port = free_port()
+    handled: list[Any] = []
+
+    async def keep(msg: aioredmq.Message[Any]) -> None:
+        handled.append(msg.body)
+
+    service = aioredmq.Service(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.5)
+    service.add(lambda mq: mq.queue("h-late"), keep)
+    await service.start()
+    try:
+        await anyio.sleep(1.5)
+        assert [r.state for r in service.health().runners] == ["starting"]
+        assert not service.ready
+        with RedisServer(port=port):
+            await wait_for(lambda: service.ready, 15, "the runner open once Redis is up")
+            await service.client.queue("h-late").publish({"n": 1})
+            await wait_for(lambda: handled == [{"n": 1}], 10, "the message handled")
+            report_open("a service started 1.5 s before redis-server", 1, "Redis down at start")
+    finally:
+        await service.stop()
+
+
+@pytest.mark.parametrize("kind", ["queue", "stream", "partitioned"])
+async def test_opening_a_consumer_waits_out_idle_dropped_connections_and_a_busy_script(kind: str) -> None:
+    """The first heartbeat, XGROUP CREATE or partition balance met a pooled connection that
+    Redis closed while idle (its `timeout`), or BUSY from a long script, and raised."""
+    with RedisServer("--timeout", "1", "--busy-reply-threshold", "50") as server:
+        async with aioredmq.connect(server.url) as mq:
+            source = mq.partitioned("h-open", partitions=2) if kind == "partitioned" else source_of(mq, kind, "h-open")
+            if isinstance(source, aioredmq.Stream):
+                await source.create_group("default")
+            await source.publish({"n": 1}, **({"key": "k"} if kind == "partitioned" else {}))
+            await anyio.sleep(2.2)  # Redis closes the pool's idle connections
+            async with anyio.create_task_group() as tg, aioredis.Redis.from_url(server.url) as raw:
+                busy = "local t = tonumber(redis.call('TIME')[1]) + 2 "
+                busy += "while tonumber(redis.call('TIME')[1]) < t do end return 1"
+                tg.start_soon(_ignoring_its_reply, raw.eval(busy, 0))  # Redis may drop it: idle 2 s
+                await anyio.sleep(0.3)  # the script runs: Redis answers BUSY
+                with anyio.fail_after(20):
+                    async with source.consume() as consumer:  # type: ignore[union-attr]
+                        msg = await anext(consumer)
+                        await msg.ack()
+            assert msg.body == {"n": 1}
+
+
+async def test_a_worker_started_before_redis_waits_for_it_and_then_consumes(tmp_path: Any) -> None:
+    from .test_crash import _output, worker_process
+    from .workers import DONE
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    async with worker_process(tmp_path, url, "tests.workers:ledger_handler", "h-worker") as proc:
+        await anyio.sleep(2.0)
+        assert proc.returncode is None, f"the worker exited while Redis was down\n{_output(tmp_path)}"
+        with RedisServer(port=port):
+            async with aioredmq.connect(url) as mq, aioredis.Redis.from_url(url) as raw:
+                await mq.queue("h-worker").publish({"n": 7})
+                await poll(lambda: _has(raw, DONE, b"7 1"), 20, "the worker's handling")
+        assert "waiting for Redis" in _output(tmp_path)
+
+
+async def _ignoring_its_reply(command: Awaitable[Any]) -> None:
+    with contextlib.suppress(rex.ConnectionError):
+        await command
+
+
+async def _has(raw: aioredis.Redis, key: str, item: bytes) -> bool:
+    return item in await raw.lrange(key, 0, -1)
+
+
+def report_open(scenario: str, messages: int, faults: str) -> None:
+    from .ledger import report
+
+    report(scenario, messages, faults=faults)
+
+
+# -- partition hand-over ----------------------------------------------------------------
+
+
+def key_in(partition: int, of: int) -> str:
+    return next(k for i in range(1000) if zlib.crc32((k := f"key-{i}").encode()) % of == partition)
+
+
+async def test_a_hand_over_that_meets_a_demoted_master_does_not_end_the_member() -> None:
+    """A member hands a partition over to a newcomer once its running handler ends; the
+    release met READONLY (the master demoted meanwhile) and the member's iteration raised.
+    It now releases at its next balance, and both members go on consuming."""
+    with RedisServer() as server:
+        async with aioredmq.connect(server.url) as mq, aioredis.Redis.from_url(server.url) as raw:
+            pq = mq.partitioned("h-hand", partitions=2, lease_s=4.0)
+            k0, k1 = key_in(0, 2), key_in(1, 2)
+            await pq.publish_many([(k1, {"n": i}) for i in range(5)])
+            handled: list[int] = []
+            async with pq.consume(name="a", close_timeout_s=0.3) as a:
+                first = await anext(a)  # partition 1's handler runs: the hand-over waits for it
+                async with pq.consume(name="b") as b:
+                    await wait_for(lambda: 1 in a._leaving, 10, "member a handing partition 1 over")
+                    await raw.execute_command("REPLICAOF", "127.0.0.1", free_port())
+                    await first.ack()  # the hand-over goes on, into READONLY
+                    handled.append(first.body["n"])
+                    await anyio.sleep(2.0)
+                    await raw.execute_command("REPLICAOF", "NO", "ONE")
+                    await pq.publish({"n": 100}, key=k0)
+
+                    async def drain(member: aioredmq.PartitionedConsumer[Any]) -> None:
+                        async for msg in member:
+                            handled.append(msg.body["n"])
+                            await msg.ack()
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(drain, a)
+                        tg.start_soon(drain, b)
+                        await wait_for(lambda: set(handled) >= {0, 1, 2, 3, 4, 100}, 20, "every message")
+                        tg.cancel_scope.cancel()
+                    await wait_for(lambda: (a.held_partitions, b.held_partitions) == ([0], [1]), 10, "one each")
+    from .ledger import report
+
+    report("partitioned: a hand-over released into a demoted master", 6, faults="REPLICAOF for 2 s mid-hand-over")

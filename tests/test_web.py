@@ -218,20 +218,35 @@ async def test_a_service_that_cannot_start_closes_what_it_opened(redis_url: str)
         service.client  # noqa: B018 - the property raises
 
 
-async def test_a_runner_that_stops_on_an_error_is_logged_and_the_service_still_stops(
+async def test_a_runner_that_fails_restarts_with_backoff_and_reports_it_until_fixed(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def noop(msg: aioredmq.Message[Any]) -> None:
-        pass
+    """A key of another type ends the runner's consumer; an operator can fix it while the
+    app runs, so the runner restarts with backoff, and health() says what happens."""
+    handled: list[Any] = []
+
+    async def keep(msg: aioredmq.Message[Any]) -> None:
+        handled.append(msg.body)
 
     async with aioredis.Redis.from_url(redis_url) as raw:
         await raw.set("aioredmq:{wrong-type}:ready", "a string, not a list")
-    service = aioredmq.Service(redis_url)
-    service.add(lambda mq: mq.queue("wrong-type"), noop)
-    with caplog.at_level(logging.ERROR, logger="aioredmq.service"):
-        await service.start()
-        await wait_for(lambda: any("runner stopped" in r.getMessage() for r in caplog.records), 10, "the log")
-    assert any(isinstance(r.exc_info[1], aioredmq.WrongTypeError) for r in caplog.records if r.exc_info)
-    assert service.running, "the app keeps running without that consumer"
+        service = aioredmq.Service(redis_url)
+        service.add(lambda mq: mq.queue("wrong-type"), keep)
+        assert not service.health().running
+        assert not service.ready
+        with caplog.at_level(logging.ERROR, logger="aioredmq.service"):
+            await service.start()
+            await wait_for(lambda: service.health().runners[0].restarts >= 2, 10, "two restarts")
+        runner = service.health().runners[0]
+        assert runner.name == "queue:wrong-type"
+        assert "WrongTypeError" in (runner.last_error or "")
+        assert not service.ready
+        assert any("restarting in" in r.getMessage() for r in caplog.records)
+        assert service.running, "the app keeps running without that consumer"
+        await raw.delete("aioredmq:{wrong-type}:ready")  # the operator's fix
+        await service.client.queue("wrong-type").publish("after the fix")
+        await wait_for(lambda: handled == ["after the fix"], 20, "the runner back")
+        assert service.ready
+        assert service.health().runners[0].state == "running"
     await service.stop()
     assert not service.running
