@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack, overload
 
 import anyio
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -604,15 +604,21 @@ def connect(
             raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
         return Client(rc, owned=True, **common)
     try:
-        redis = Redis.from_url(
+        # A pool that makes a caller wait for a free connection: redis-py's plain pool
+        # raises past max_connections, which failed healthy messages (an idempotency check,
+        # an ack) under load. timeout=None: no deadline of the pool's own; every command
+        # still has the socket timeout once it has a connection.
+        pool = BlockingConnectionPool.from_url(
             url_or_client,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             max_connections=max_connections,
+            timeout=None,
             retry=_no_retry(),
             retry_on_error=[],
         )
     except ValueError as exc:
         raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
-    redis.connection_pool.connection_class = _fast(redis.connection_pool.connection_class)
+    pool.connection_class = _fast(pool.connection_class)
+    redis = Redis.from_pool(pool)
     return Client(redis, owned=True, **common)

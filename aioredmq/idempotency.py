@@ -26,11 +26,14 @@ from typing import Any, Generic, TypeVar
 
 from .commands import pipeline
 from .config import check_positive
-from .errors import AioredmqError
+from .errors import AioredmqError, ConfigError
 from .message import Message
 from .scripts import script
 
-__all__ = ("Idempotency",)
+__all__ = ("MAX_COMMAND_ARGS", "Idempotency")
+
+MAX_COMMAND_ARGS = 7900
+"""The most arguments after its key that one command of :meth:`Idempotency.apply` may have."""
 
 log = logging.getLogger("aioredmq.idempotency")
 T = TypeVar("T")
@@ -74,6 +77,8 @@ class Idempotency:
         hash to the queue's slot: put the queue's ``{name}`` hash tag in them. Redis does
         not roll a script back: a command that fails leaves those before it applied and
         writes no marker, so keep the commands ones that cannot fail (right key types).
+        A command with more than ``MAX_COMMAND_ARGS`` (7,900) arguments after its key
+        raises ``ConfigError`` before anything is sent.
         """
         consumer = msg._consumer
         keys: list[str] = [consumer._done_key]
@@ -82,6 +87,13 @@ class Idempotency:
             if len(command) < 2 or not isinstance(command[0], str) or not isinstance(command[1], str):
                 raise TypeError(f"a command is (name, key, *args) with str name and key, not {command!r}")
             name, key, *rest = command
+            if len(rest) > MAX_COMMAND_ARGS:
+                # Lua passes at most about 8,000 values to one call: the script would fail
+                # there, after the commands before it ran. Refuse before anything runs.
+                raise ConfigError(
+                    f"a {name} command of apply() has {len(rest)} arguments after its key; at most "
+                    f"{MAX_COMMAND_ARGS} fit in one call: split it into several commands"
+                )
             keys.append(key)
             args += (len(rest), name, *rest)
         applied = await script("apply_once")(consumer.client.redis, tuple(keys), args)

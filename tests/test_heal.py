@@ -359,3 +359,57 @@ async def test_a_hand_over_that_meets_a_demoted_master_does_not_end_the_member()
     from .ledger import report
 
     report("partitioned: a hand-over released into a demoted master", 6, faults="REPLICAOF for 2 s mid-hand-over")
+
+
+# -- bounds: the pool, one script call ------------------------------------------------------
+
+
+async def test_more_handlers_than_pooled_connections_wait_for_one_and_fail_nothing() -> None:
+    """redis-py's plain asyncio pool raises past max_connections ("Too many connections"):
+    with idempotency, 128 handlers and 16 connections, healthy messages were dead-lettered
+    by a processed-id check that never reached Redis."""
+    ledger = Ledger("128 handlers over a pool of 16 connections, with the idempotency helper")
+    with RedisServer() as server:
+        async with aioredmq.connect(server.url, max_connections=16) as mq, aioredis.Redis.from_url(server.url) as raw:
+            queue = mq.queue("h-pool", lease_s=2.0)
+            await queue.publish_many([{"n": n} for n in range(2000)])
+            ledger.published(range(2000))
+            once = aioredmq.Idempotency()
+
+            async def handler(msg: aioredmq.Message[Any]) -> None:
+                await once.apply(msg, ("INCR", "h-pool:{h-pool}:count"))
+                ledger.done(msg.body["n"], msg.deliveries)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: mq.run(queue, handler, concurrency=128, idempotency=once))
+                await poll(ledger.drained(queue), 60, "a full drain")
+                tg.cancel_scope.cancel()
+            await ledger.check(raw, queue)
+            assert await raw.get("h-pool:{h-pool}:count") == b"2000"
+            assert (await queue.stats()).dead == 0
+
+
+async def test_apply_refuses_a_command_too_large_for_one_call_before_anything_runs(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A 9,000-member SADD failed inside the script after the INCR before it had run, and
+    without the marker: the redelivery ran the INCR again."""
+    queue = mq.queue("h-apply")
+    await queue.publish({"n": 1})
+    once = aioredmq.Idempotency()
+    async with queue.consume() as consumer:
+        msg = await anext(consumer)
+        with pytest.raises(aioredmq.ConfigError, match="9000 arguments"):
+            await once.apply(msg, ("INCR", "c:{h-apply}"), ("SADD", "s:{h-apply}", *map(str, range(9000))))
+        assert await raw.get("c:{h-apply}") is None
+        # The script checks too, for a caller that goes around the check.
+        from aioredmq.scripts import script
+
+        keys = (queue.keys.done, "c:{h-apply}", "s:{h-apply}")
+        with pytest.raises(aioredmq.ResponseError, match="at most 7900"):
+            await script("apply_once")(mq.redis, keys, [msg.id, 1000, 0, "INCR", 9000, "SADD", *range(9000)])
+        assert await raw.get("c:{h-apply}") is None
+        assert await once.apply(msg, ("INCR", "c:{h-apply}"), ("SADD", "s:{h-apply}", *map(str, range(7900))))
+        assert await raw.get("c:{h-apply}") == b"1"
+        assert await raw.scard("s:{h-apply}") == 7900
+        await msg.ack()

@@ -12,7 +12,18 @@ local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if expiry and tonumber(expiry) > now then
   return 0
 end
-local i, k = 3, 2
+-- Lua passes at most about 8,000 values to one call: check every command before the first
+-- runs, so the script applies all of them or none.
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  if n > 7900 then
+    return redis.error_reply('ERR a command of apply() has ' .. n .. ' arguments; at most 7900 fit in one call')
+  end
+  i = i + 2 + n
+end
+local k
+i, k = 3, 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 2, i + 1 + n))
