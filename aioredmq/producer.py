@@ -136,24 +136,31 @@ class Producer:
         return fut
 
     def _next_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]], Wait | None]:
-        """The next batch; a batch waits for the most replicas any of its callers asked for."""
+        """The next batch: the first caller in line and every other waiting caller that asked
+        for the same durability (replicas and timeout), in the order they came. Each
+        caller's outcome follows its own request: a plain publish never waits for, or fails
+        with, replicas another caller asked for. Callers of one level keep their order."""
         envs: list[bytes] = []
         futs: list[asyncio.Future[None]] = []
         size = 0
-        replicas = timeout_ms = 0
-        while self._buf:
-            group, fut, wait = self._buf[0]
+        buf = self._buf
+        batch_wait = buf[0][2]
+        others: list[_Group] = []
+        while buf:
+            group, fut, wait = buf[0]
             if envs and (len(envs) + len(group) > self._max_batch or size > self._max_batch_bytes):
                 break
-            self._buf.popleft()
+            buf.popleft()
+            if wait != batch_wait:
+                others.append((group, fut, wait))
+                continue
             envs.extend(group)
             futs.append(fut)
             size += sum(map(len, group))
-            if wait is not None:
-                replicas, timeout_ms = max(replicas, wait[0]), max(timeout_ms, wait[1])
+        buf.extendleft(reversed(others))
         self._buffered -= len(envs)
         self._space.set()
-        return envs, futs, ((replicas, timeout_ms) if replicas else None)
+        return envs, futs, batch_wait
 
     async def _flush_loop(self) -> None:
         while True:

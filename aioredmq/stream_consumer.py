@@ -122,7 +122,10 @@ class StreamConsumer(BaseConsumer[T]):
         self._resume_from: bytes | None = b"-"  # until this name's pending entries are listed
         # Nacked entries waiting for their retry: entry id -> (due, monotonic clock; message)
         self._parked: dict[bytes, tuple[float, Message[T]]] = {}
-        self._released: set[bytes] = set()  # given back while closing
+        # Given back (cancelled, closing), by when: a read cancelled on close may have handed
+        # us entries unknown to us, and these are not such. Pruned after two leases, when
+        # any sweep has taken them: the map stays as small as what one lease gives back.
+        self._released: dict[bytes, float] = {}
         self._due = DueTimer(stream.client, keys, keys.stream, "stream", self._timer_wake.set)
 
     async def _open(self) -> None:
@@ -325,8 +328,18 @@ class StreamConsumer(BaseConsumer[T]):
 
     def _release_now(self, ref: bytes, deliveries_so_far: int) -> None:
         """Idle for a whole lease: the next recovery sweep of any consumer takes it."""
-        self._released.add(ref)
+        self._remember_released(ref)
         self._enqueue(ref, b"R", b"%d" % self._lease_ms, deliveries_so_far)
+
+    def _remember_released(self, ref: bytes) -> None:
+        released = self._released
+        now = time.monotonic()
+        released[ref] = now
+        oldest = next(iter(released.values()))
+        if now - oldest > 2 * self.stream.lease_s:
+            horizon = now - 2 * self.stream.lease_s
+            for old in [r for r, at in released.items() if at < horizon]:
+                del released[old]
 
     def _return_unstarted(self, msgs: list[Message[T]]) -> None:
         for msg in msgs:  # the claim that takes it counts the delivery again
@@ -354,7 +367,7 @@ class StreamConsumer(BaseConsumer[T]):
         now = time.monotonic()
         for ref, (due, _) in parked.items():
             idle = max(0, self._lease_ms - int(max(0.0, due - now) * 1000))
-            self._released.add(ref)
+            self._remember_released(ref)
             self._enqueue(ref, b"R", b"%d" % idle, -1)
         # A read cancelled on close may still have handed us entries: give them back.
         for entry_id, deliveries, _ in await self._list_own():

@@ -413,3 +413,55 @@ async def test_apply_refuses_a_command_too_large_for_one_call_before_anything_ru
         assert await raw.get("c:{h-apply}") == b"1"
         assert await raw.scard("s:{h-apply}") == 7900
         await msg.ack()
+
+
+async def test_cancelled_handlers_leave_no_trace_in_a_long_lived_stream_consumer(mq: aioredmq.Client) -> None:
+    """Every handler cancelled added its entry id to a set kept for the consumer's life."""
+    stream = mq.stream("h-released", lease_s=0.3)
+    await stream.create_group("g")
+    await stream.publish_many([{"n": n} for n in range(601)])
+
+    async def give_back(consumer: aioredmq.StreamConsumer[Any]) -> None:
+        msg = await anext(consumer)
+        with anyio.CancelScope() as scope:
+            async with msg.process():  # a cancelled handler: its message is given back
+                scope.cancel()
+                await anyio.sleep(1)
+
+    async with stream.consume("g", prefetch=50) as consumer:
+        for _ in range(600):
+            await give_back(consumer)
+        assert 0 < len(consumer._released) <= 600
+        await anyio.sleep(0.7)  # two leases: every sweep has had them
+        await give_back(consumer)
+        assert len(consumer._released) == 1, "the ids given back two leases ago are still kept"
+
+
+async def test_a_plain_publish_never_waits_for_replicas_another_caller_asked_for() -> None:
+    """Callers shared a batch that waited for the most replicas any of them asked for: on a
+    server with no replica, every replicas=0 publish beside a replicas=1 one raised."""
+    with RedisServer() as server:
+        async with aioredmq.connect(server.url) as mq:
+            queue = mq.queue("h-durability")
+            plain_failed = durable_failed = 0
+
+            async def publish(n: int) -> None:
+                nonlocal plain_failed, durable_failed
+                try:
+                    if n % 10 == 0:
+                        await queue.publish({"n": n}, replicas=1, replica_timeout_s=0.3)
+                    else:
+                        await queue.publish({"n": n})
+                except aioredmq.NotReplicatedError:
+                    if n % 10 == 0:
+                        durable_failed += 1
+                    else:
+                        plain_failed += 1
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for n in range(2000):
+                        tg.start_soon(publish, n)
+            assert plain_failed == 0
+            assert durable_failed == 200  # no replica: each replicas=1 publish says so
+            assert (await queue.stats()).ready == 2000
