@@ -73,6 +73,9 @@ class ConsumerStats:
     dead_lettered: int = 0
     returned: int = 0
     late_settles: int = 0
+    """Settles that came after the delivery was recovered elsewhere (its lease was lost)."""
+    resent_settles: int = 0
+    """Settles resent after a lost reply and found applied already (by the lost call)."""
     adopted: int = 0
     reaped_consumers: int = 0
     """List queues: expired consumers whose messages this one recovered."""
@@ -480,7 +483,7 @@ class BaseConsumer(Generic[T]):
             failures = 0
             while self._ack_refs or self._settles:
                 try:
-                    await self._flush_settles()
+                    await self._flush_settles(resent=failures > 0)
                     failures = 0
                 except AioredmqError as exc:
                     # Whatever Redis said: dropping the batch would strand it with a consumer
@@ -490,7 +493,10 @@ class BaseConsumer(Generic[T]):
                     await self._pause_after_failure("settle", exc, failures)
             self._settled_all.set()
 
-    async def _flush_settles(self) -> None:
+    async def _flush_settles(self, *, resent: bool = False) -> None:
+        """Send the waiting settles in one script call. ``resent``: the call before failed
+        with no reply, and may have applied some of these: those the script then finds gone
+        were most likely settled by it, so they count as ``resent_settles``, not as late."""
         tags = self._ack_tags[:_MAX_SETTLE_BATCH]
         n_acks = len(tags)
         size = count = 0
@@ -509,17 +515,25 @@ class BaseConsumer(Generic[T]):
         del self._ack_refs[:n_acks]
         del self._ack_tags[:n_acks]
         del self._settles[:count]
-        if late and self._metrics is not None:
-            self._metrics.late_acks(self.label, len(late))
-        for position in late:
-            ref = refs[position - 1] if position <= n_acks else others[position - 1 - n_acks][0]
-            self.stats.late_settles += 1
-            msg = self._held.get(ref)
-            log.warning(
-                "consumer %s: late settle of message %s: its lease was lost and it was recovered elsewhere",
+        if resent and late:
+            self.stats.resent_settles += len(late)
+            log.info(
+                "consumer %s: %d settle(s) resent after a lost reply were applied already",
                 self.name,
-                msg.id if msg is not None else "?",
+                len(late),
             )
+        elif late:
+            if self._metrics is not None:
+                self._metrics.late_acks(self.label, len(late))
+            for position in late:
+                ref = refs[position - 1] if position <= n_acks else others[position - 1 - n_acks][0]
+                self.stats.late_settles += 1
+                msg = self._held.get(ref)
+                log.warning(
+                    "consumer %s: late settle of message %s: its lease was lost and it was recovered elsewhere",
+                    self.name,
+                    msg.id if msg is not None else "?",
+                )
         pop = self._held.pop
         for ref in refs:
             pop(ref, None)
