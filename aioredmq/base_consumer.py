@@ -511,6 +511,12 @@ class BaseConsumer(Generic[T]):
             args += item
         with anyio.CancelScope(shield=True):
             late = await self._settle_script(self.client.redis, self._settle_keys, args)
+        # Retries this call scheduled: the timer learns their due time from the settle
+        # itself, whatever a promote call in flight meanwhile replies (it may have looked
+        # before they were there, and found nothing waiting).
+        retry_ms = [score for _, action, _, score in others if action == b"D"]
+        if retry_ms:
+            self._due.hint(min(retry_ms) / 1000.0)
         refs = self._ack_refs[:n_acks]
         del self._ack_refs[:n_acks]
         del self._ack_tags[:n_acks]

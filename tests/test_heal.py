@@ -465,3 +465,95 @@ async def test_a_plain_publish_never_waits_for_replicas_another_caller_asked_for
             assert plain_failed == 0
             assert durable_failed == 200  # no replica: each replicas=1 publish says so
             assert (await queue.stats()).ready == 2000
+
+
+# -- timers: bulk promotion beside lease renewal, a retry's due time ------------------------
+
+
+_STAGE = """
+for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do
+  local id = string.format('%032x', i)
+  redis.call('ZADD', KEYS[1], 0, id)
+  redis.call('HSET', KEYS[2], id, 'amq1 ' .. id .. ' 0 0 json 0\\n{"n": -1}')
+end
+"""
+
+
+async def schedule_due_now(raw: aioredis.Redis, source: Source, n: int) -> None:
+    """``n`` delayed messages, all due already, put in the delayed set at once: written
+    aside in slices (no slice stalls Redis near a lease), then renamed into place."""
+    keys = source.keys
+    staged = (keys.delayed + ":staged", keys.scheduled + ":staged")
+    for start in range(1, n + 1, 20_000):
+        await raw.eval(_STAGE, 2, *staged, start, min(n, start + 19_999))
+    async with raw.pipeline(transaction=True) as pipe:
+        pipe.rename(staged[0], keys.delayed)
+        pipe.rename(staged[1], keys.scheduled)
+        await pipe.execute()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["queue", "stream"])
+async def test_a_million_due_messages_never_hold_back_a_lease_renewal(kind: str) -> None:
+    """The timer renewed the lease and then moved due messages until none was left: with a
+    backlog of a million and a 0.6 s lease, a live consumer lost its lease (a list queue's
+    was reaped, a stream's entry claimed by another) while its handler still ran."""
+    n = 1_000_000
+    with RedisServer() as server:
+        async with aioredmq.connect(server.url) as mq, aioredis.Redis.from_url(server.url) as raw:
+            source = source_of(mq, kind, "h-backlog", lease_s=0.6)
+            consume = source.consume if isinstance(source, aioredmq.Queue) else lambda **kw: source.consume("g", **kw)
+            if isinstance(source, aioredmq.Stream):
+                await source.create_group("g", "begin")
+            await source.publish({"n": 0})
+            async with consume(name="a", prefetch=1) as a, consume(name="b", prefetch=1) as b:
+                held = await anext(a)  # its handler runs throughout
+                await schedule_due_now(raw, source, n)
+                lapsed = []
+                for consumer in (a, b):  # both hear of it, as a due notice would tell them
+                    consumer._due.hint(0)
+                with anyio.fail_after(60):
+                    while await raw.zcard(source.keys.delayed):
+                        if isinstance(source, aioredmq.Queue):
+                            deadline = await raw.zscore(source.keys.leases, "a")
+                            t = await raw.time()
+                            if deadline is None or deadline < t[0] * 1000 + t[1] // 1000:
+                                lapsed.append(deadline)
+                        await anyio.sleep(0.05)
+                await held.ack()
+                await anyio.sleep(0.3)
+                assert not lapsed, f"consumer a's lease lapsed while it was alive: {lapsed[:3]}"
+                assert b.stats.reaped_consumers == 0
+                assert b.stats.claimed == 0
+                assert a.stats.late_settles == 0
+    from .ledger import report
+
+    report(
+        f"{kind}: a million delayed messages due at once, lease 0.6 s", 1, faults="1,000,000 due; live consumer kept"
+    )
+
+
+async def test_a_failed_message_is_retried_after_its_backoff_not_at_the_next_heartbeat(mq: aioredmq.Client) -> None:
+    """About one retry in 11 waited for the next heartbeat (lease_s / 3, 10 s here): the
+    failure came while the timer's promote call was in flight, and the timer forgot the
+    retry's due time when that call found nothing waiting yet."""
+    retry = aioredmq.RetryPolicy(backoff_initial_s=0.3, backoff_max_s=0.3, max_deliveries=3)
+    queue = mq.queue("h-backoff", retry=retry, lease_s=30.0)
+    failed_at: dict[int, float] = {}
+    waits: list[float] = []
+
+    async def handler(msg: aioredmq.Message[Any]) -> None:
+        n = msg.body["n"]
+        if msg.deliveries == 1:
+            failed_at[n] = anyio.current_time()
+            raise RuntimeError("first delivery fails")
+        waits.append(anyio.current_time() - failed_at[n])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: mq.run(queue, handler, concurrency=8))
+        for n in range(120):  # spread out, so failures land at every point of the timer's work
+            await queue.publish({"n": n})
+            await anyio.sleep(0.01)
+        await wait_for(lambda: len(waits) == 120, 30, "every retry")
+        tg.cancel_scope.cancel()
+    assert max(waits) < 0.3 + 1.5, f"a retry waited {max(waits):.1f} s for a 0.3 s backoff"
