@@ -63,7 +63,7 @@ class Consumer(BaseConsumer[T]):
         self.queue = queue
         keys = queue.keys
         self._inflight = keys.inflight(self.name)
-        self._take_keys = (keys.ready, self._inflight, keys.leases)
+        self._take_keys = (keys.ready, self._inflight, keys.leases, keys.registry)
         self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead, keys.scheduled, keys.done)
         self._done_key = keys.done
         self._due = DueTimer(queue.client, keys, keys.ready, "list", self._timer_wake.set)
@@ -83,7 +83,8 @@ class Consumer(BaseConsumer[T]):
 
     async def _close_in_redis(self) -> None:
         await self._return_orphans()  # nothing should be left by now; cheap to make sure
-        await script("deregister")(self.client.redis, (self.queue.keys.leases, self._inflight), (self.name,))
+        keys = self.queue.keys
+        await script("deregister")(self.client.redis, (keys.leases, self._inflight, keys.registry), (self.name,))
 
     # -- fetch -----------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Consumer(BaseConsumer[T]):
         asked_at = time.monotonic()
         next_ms, in_flight, *expired = await script("heartbeat")(
             self.client.redis,
-            (keys.leases, keys.delayed, self._inflight),
+            (keys.leases, keys.delayed, self._inflight, keys.registry),
             (self.name, self._lease_ms, _REAP_BATCH),
         )
         self._due.learned(next_ms, asked_at)
@@ -241,7 +242,7 @@ class Consumer(BaseConsumer[T]):
                 continue
             requeued, dead = await script("reap")(
                 self.queue.client.redis,
-                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead),
+                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead, keys.registry),
                 (member, self.queue.retry.max_deliveries, self._lease_ms, int(force)),
             )
             if requeued >= 0 and (requeued or dead):

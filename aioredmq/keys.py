@@ -6,6 +6,9 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:ready               list; producers LPUSH, consumers take from the right
     <prefix>:{<name>}:inflight:<consumer> list; what one consumer holds, oldest at the right
     <prefix>:{<name>}:leases              zset; consumer -> lease deadline (ms)
+    <prefix>:{<name>}:registry            zset; consumer -> last take or heartbeat (ms): every
+                                          consumer that may have an in-flight list, so recovery
+                                          finds the list even when its lease entry is lost
     <prefix>:{<name>}:delayed             zset; message id -> due time (ms): delayed publishes, retries
     <prefix>:{<name>}:scheduled           hash; message id -> envelope, for the delayed set
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
@@ -99,6 +102,10 @@ class QueueKeys(_Keys):
     @property
     def leases(self) -> str:
         return f"{self.base}:leases"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.base}:registry"
 
     @property
     def dead(self) -> str:

@@ -254,9 +254,11 @@ class _PartitionConsumer(Consumer[T]):
     async def _open(self) -> None:
         # Whoever held this partition before lost it: what it had in flight goes back to
         # the front, oldest first, before anything new is fetched.
-        leases = self.queue.keys.leases
-        listed: list[bytes] = await execute(self.client.redis, "ZRANGE", leases, 0, -1, keys=(leases,))
-        others = [m for m in listed if m != self.name.encode()]
+        # The registry names them even when the leases are lost.
+        keys = self.queue.keys
+        listed: list[bytes] = await execute(self.client.redis, "ZRANGE", keys.leases, 0, -1, keys=(keys.leases,))
+        listed += await execute(self.client.redis, "ZRANGE", keys.registry, 0, -1, keys=(keys.registry,))
+        others = list(dict.fromkeys(m for m in listed if m != self.name.encode()))
         if others:
             await self._reap_expired(others, force=True)
         await super()._open()

@@ -2,6 +2,7 @@
 -- KEYS[1] ready list (oldest at the right)
 -- KEYS[2] the consumer's in-flight list (oldest at the right)
 -- KEYS[3] leases sorted set
+-- KEYS[4] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
 -- ARGV[1] how many to move at most (> 0)
 -- ARGV[2] consumer name
 -- ARGV[3] lease length, in ms
@@ -9,6 +10,8 @@
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+-- Registered before anything can land in the in-flight list, whether the leases survive or not.
+redis.call('ZADD', KEYS[4], now, ARGV[2])
 local items = redis.call('RPOP', KEYS[1], ARGV[1])
 if not items then
   return {}
