@@ -32,6 +32,10 @@ the keys that say who holds which partition::
     <prefix>:{<name>}:holders             hash; partition -> the member holding it
     <prefix>:{<name>}:holds               zset; partition -> hold deadline (ms)
 
+and, in each partition's own slot, its fencing token (see the ``fence`` script)::
+
+    <prefix>:{<name>#<i>}:fence           string; '<epoch> <holder>', a greater epoch for every holder
+
 Pub/sub channel names follow it too, so a sharded channel lands with its name's slot::
 
     <prefix>:{<name>}:channel             a user's pub/sub channel
@@ -114,6 +118,11 @@ class QueueKeys(_Keys):
     @property
     def done(self) -> str:
         return f"{self.base}:done"
+
+    @property
+    def fence(self) -> str:
+        """A partition's fencing token: '<epoch> <holder>', a new epoch for every holder."""
+        return f"{self.base}:fence"
 
     def inflight(self, consumer: str) -> str:
         return f"{self.base}:inflight:{consumer}"

@@ -88,3 +88,70 @@ async def test_late_move_after_a_forced_reap_is_still_recovered(mq: aioredmq.Cli
         await drain_into(ledger, survivor, queue, timeout_s=10 * LEASE_S + 5)
     result = await ledger.check(raw, queue, duplicates_explained=True)
     assert result.lost == 0
+
+
+class KeyWatch:
+    """Handlings of one key's messages across members: overlaps and starts out of order."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.running = 0
+        self.overlaps = 0
+        self.out_of_order: list[int] = []
+        self.completed: set[int] = set()
+        self.by_member: dict[str, int] = {}
+
+    async def handle(self, member: str, msg: aioredmq.Message[Any]) -> None:
+        n = msg.body["n"]
+        if n and n - 1 not in self.completed:
+            self.out_of_order.append(n)
+        self.running += 1
+        self.overlaps += self.running > 1
+        try:
+            await anyio.sleep(0.03)
+        finally:
+            self.running -= 1
+        self.completed.add(n)
+        self.by_member[member] = self.by_member.get(member, 0) + 1
+        self.ledger.done(n, msg.deliveries)
+
+
+def serve(tg: anyio.abc.TaskGroup, member: aioredmq.PartitionedConsumer[Any], watch: KeyWatch) -> None:
+    async def work() -> None:
+        async for msg in member:
+            async with msg.process():
+                await watch.handle(member.name, msg)
+
+    for _ in range(4):
+        tg.start_soon(work)
+
+
+@pytest.mark.slow
+async def test_partition_keys_lost_two_live_members_never_overlap(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    pq = mq.partitioned("fenced", partitions=1, lease_s=1.0)
+    part = pq.partitions[0]
+    ledger = Ledger("partitioned: hold and lease keys lost, two live members")
+    watch = KeyWatch(ledger)
+    await pq.publish_many([("k", {"n": n}) for n in range(60)])
+    ledger.published(range(60))
+    first = pq.consume(prefetch=20, name="b-old")
+    second = pq.consume(prefetch=20, name="a-new")
+    async with anyio.create_task_group() as tg:
+        await first.__aenter__()
+        serve(tg, first, watch)
+        await wait_for(lambda: len(watch.completed) >= 5, what="the first member is consuming")
+        k = pq.keys
+        await raw.delete(k.holders, k.holds, k.members, part.keys.leases)
+        ledger.fault("holders, holds, members and the partition's leases deleted", timed=True, until_any=True)
+        await second.__aenter__()  # finds partition 0 free and takes it
+        assert second.held_partitions == [0]
+        serve(tg, second, watch)
+        await poll(ledger.drained(part), 30, "the partition drained")
+        tg.cancel_scope.cancel()
+    await first.aclose()
+    await second.aclose()
+    assert watch.overlaps == 0, f"{watch.overlaps} handling(s) of key k ran beside another"
+    assert not watch.out_of_order, f"started before the previous one finished: {watch.out_of_order[:5]}"
+    assert watch.by_member.get("a-new"), "the second member took over"
+    result = await ledger.check(raw, part, duplicates_explained=True)
+    assert result.lost == 0

@@ -4,12 +4,18 @@
 -- KEYS[2] delayed sorted set (score: due time in ms)
 -- KEYS[3] this consumer's in-flight list
 -- KEYS[4] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
+-- KEYS[5] (a partition's consumer only) the partition's fence
 -- ARGV[1] consumer name
 -- ARGV[2] lease length, in ms
 -- ARGV[3] how many expired consumers to return at most
+-- ARGV[4] (with KEYS[5]) this holder's fencing token; when it is not the current one,
+--   nothing is written (the lease is not renewed) and the reply is {-1, -1}
 -- Returns {ms until the next delayed message is due or -1, length of the in-flight list,
 -- expired consumer names...}. Expired: a lease that passed, or a registered consumer silent
 -- for a lease whose lease entry is gone (evicted, lost, or forgotten by a forced reap).
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[4] then
+  return {-1, -1}
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local lease = tonumber(ARGV[2])

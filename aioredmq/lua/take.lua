@@ -5,8 +5,14 @@
 -- KEYS[4] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
 -- ARGV[1] how many to move at most (> 0)
 -- ARGV[2] consumer name
+-- KEYS[5] (a partition's consumer only) the partition's fence
 -- ARGV[3] lease length, in ms
--- Returns the moved envelopes, oldest first (an empty array when ready is empty).
+-- ARGV[4] (with KEYS[5]) this holder's fencing token
+-- Returns the moved envelopes, oldest first (an empty array when ready is empty); -1, with
+-- nothing written, when the token is not the partition's current one (another holds it).
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[4] then
+  return -1
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
