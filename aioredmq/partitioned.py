@@ -424,11 +424,13 @@ class PartitionedConsumer(Generic[T]):
             raise ClosedError("a consumer can be opened only once; call consume() again")
         self.client.check_open()
         self._state = 1
+        self.client.members.add(self)
         try:
             async with self._balancing:
                 await self._balance()
         except BaseException:
             self._state = 2
+            self.client.members.discard(self)
             with anyio.CancelScope(shield=True):
                 await self._close_subs(list(self._subs))
                 await self._call_balance(leave=True)
@@ -451,6 +453,7 @@ class PartitionedConsumer(Generic[T]):
             return
         self._state = 2
         self._wake.set()
+        self.client.members.discard(self)
         with anyio.CancelScope(shield=True):
             await self._tasks.aclose()
             await self._close_subs(list(self._subs))

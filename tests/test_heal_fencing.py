@@ -155,3 +155,17 @@ async def test_partition_keys_lost_two_live_members_never_overlap(mq: aioredmq.C
     assert watch.by_member.get("a-new"), "the second member took over"
     result = await ledger.check(raw, part, duplicates_explained=True)
     assert result.lost == 0
+
+
+async def test_closing_the_client_closes_its_partitioned_members(redis_url: str, mq: aioredmq.Client) -> None:
+    """A member left open when its client closes stops renewing its holds and leaves, so
+    another member gets its partitions at once."""
+    gone = aioredmq.connect(redis_url)
+    await gone.__aenter__()
+    left_open = gone.partitioned("closing", partitions=4, lease_s=30.0).consume(name="left-open")
+    await left_open.__aenter__()
+    assert left_open.held_partitions == [0, 1, 2, 3]
+    await gone.aclose()
+    assert left_open.closed
+    async with mq.partitioned("closing", partitions=4, lease_s=30.0).consume(name="other") as other:
+        assert other.held_partitions == [0, 1, 2, 3], "the closed client's member left"
