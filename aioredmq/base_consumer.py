@@ -175,7 +175,7 @@ class BaseConsumer(Generic[T]):
         # Set by subclasses: the settle script, its keys, and arguments before the acks.
         self._settle_script = script("settle")
         self._settle_keys: tuple[str, ...] = ()
-        self._settle_head: tuple[str, ...] = ()
+        self._settle_head: tuple[str | bytes, ...] = ()
 
     # -- transport hooks -------------------------------------------------------------
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .channel import Channel, DueWatcher, Overflow, Subscriber, Subscription
     from .idempotency import Idempotency
     from .message import Message
-    from .partitioned import PartitionedQueue
+    from .partitioned import PartitionedConsumer, PartitionedQueue
     from .queue import Queue
     from .stream import Stream
 
@@ -140,6 +140,9 @@ class Client:
         self._streams: dict[str, Stream[Any]] = {}
         self._partitioned: dict[str, PartitionedQueue[Any]] = {}
         self.consumers: set[BaseConsumer[Any]] = set()  # open ones; closed before the pools
+        # Open members of partitioned queues; closed before the consumers, so that their
+        # balance tasks stop renewing holds and other members get those partitions.
+        self.members: set[PartitionedConsumer[Any]] = set()
         self.subscribers: set[Subscriber] = set()  # open subscriptions; closed with the client
         self._due_watcher: DueWatcher | None = None
         self._due_lock = anyio.Lock()
@@ -196,6 +199,8 @@ class Client:
             try:
                 if was_open:
                     # Consumers first: they give back what they hold while Redis is reachable.
+                    for member in list(self.members):
+                        await member.aclose()
                     for consumer in list(self.consumers):
                         await consumer.aclose()
                     for subscriber in list(self.subscribers):

@@ -63,7 +63,7 @@ class Consumer(BaseConsumer[T]):
         self.queue = queue
         keys = queue.keys
         self._inflight = keys.inflight(self.name)
-        self._take_keys = (keys.ready, self._inflight, keys.leases)
+        self._take_keys = (keys.ready, self._inflight, keys.leases, keys.registry)
         self._settle_keys = (self._inflight, keys.ready, keys.delayed, keys.dead, keys.scheduled, keys.done)
         self._done_key = keys.done
         self._due = DueTimer(queue.client, keys, keys.ready, "list", self._timer_wake.set)
@@ -71,6 +71,12 @@ class Consumer(BaseConsumer[T]):
         # one is handled, instead of fetch, handle and settle taking turns.
         self._take_max = max(1, prefetch // 2)
         self._look_for_orphans = False
+        # A partition's consumer: the fence key and its token, passed to take and heartbeat
+        # (settle gets them through _settle_keys and _settle_head).
+        self._fence: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())
+        # Block without moving (BLMOVE ready ready), then move by take: every move into a
+        # fenced consumer's in-flight list is then checked inside a script.
+        self._wait_only = False
 
     async def _open(self) -> None:
         await self._tick()
@@ -83,7 +89,8 @@ class Consumer(BaseConsumer[T]):
 
     async def _close_in_redis(self) -> None:
         await self._return_orphans()  # nothing should be left by now; cheap to make sure
-        await script("deregister")(self.client.redis, (self.queue.keys.leases, self._inflight), (self.name,))
+        keys = self.queue.keys
+        await script("deregister")(self.client.redis, (keys.leases, self._inflight, keys.registry), (self.name,))
 
     # -- fetch -----------------------------------------------------------------------
 
@@ -105,7 +112,20 @@ class Consumer(BaseConsumer[T]):
                     failures = 0
                     continue  # adoption may have filled the room: check it again
                 room = min(self.prefetch - len(self._held), self._take_max)
-                items = [] if idle else await take(conn, self._take_keys, (room, self.name, self._lease_ms))
+                fence_keys, token = self._fence
+                taken = (
+                    []
+                    if idle
+                    else await take(conn, self._take_keys + fence_keys, (room, self.name, self._lease_ms, *token))
+                )
+                if taken == -1:
+                    self._fenced()
+                    return
+                items = taken
+                if not items and self._wait_only:
+                    item = await execute(conn, "BLMOVE", ready, ready, "RIGHT", "RIGHT", self.block_s, keys=(ready,))
+                    idle = item is None
+                    continue
                 if not items:
                     item = await execute(
                         conn, "BLMOVE", ready, inflight, "RIGHT", "LEFT", self.block_s, keys=(ready, inflight)
@@ -161,7 +181,7 @@ class Consumer(BaseConsumer[T]):
 
     async def _return_orphans(self) -> None:
         listed, settled = await self._listing(self._list_inflight())
-        args: list[Any] = [0]
+        args: list[Any] = [*self._settle_head, 0]
         for raw in listed:  # newest first: each goes to the front, so the oldest ends first
             if raw not in self._held and raw not in settled:
                 args += (raw, b"F", raw, 0)
@@ -220,11 +240,15 @@ class Consumer(BaseConsumer[T]):
         """Renew the lease and learn the next due time; return the consumers whose lease expired."""
         keys = self.queue.keys
         asked_at = time.monotonic()
+        fence_keys, token = self._fence
         next_ms, in_flight, *expired = await script("heartbeat")(
             self.client.redis,
-            (keys.leases, keys.delayed, self._inflight),
-            (self.name, self._lease_ms, _REAP_BATCH),
+            (keys.leases, keys.delayed, self._inflight, keys.registry, *fence_keys),
+            (self.name, self._lease_ms, _REAP_BATCH, *token),
         )
+        if in_flight == -1:
+            self._fenced()
+            return []
         self._due.learned(next_ms, asked_at)
         if in_flight > len(self._held):
             # More in our list than we know of: a move whose reply never came (or a take in
@@ -232,20 +256,26 @@ class Consumer(BaseConsumer[T]):
             self._look_for_orphans = True
         return list(expired)
 
-    async def _reap_expired(self, members: list[bytes], *, force: bool = False) -> None:
+    def _fenced(self) -> None:
+        """Another member holds this partition now (only a partition's consumer has a token)."""
+
+    async def _reap_expired(self, members: list[bytes], *, force: bool = False) -> int:
         """Recover what each expired consumer held. Members are used as the bytes they are:
         a member some other writer put there is reaped (and later forgotten) like any other.
-        ``force``: reap even live leases (a partition's previous holder lost it)."""
+        ``force``: reap even live leases (a partition's previous holder lost it).
+        Returns how many were alive and left alone."""
         me = self.name.encode()
         keys = self.queue.keys
+        alive = 0
         for member in members:
             if member == me:
                 continue
             requeued, dead = await script("reap")(
                 self.queue.client.redis,
-                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead),
+                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead, keys.registry),
                 (member, self.queue.retry.max_deliveries, self._lease_ms, int(force)),
             )
+            alive += requeued < 0
             if requeued >= 0 and (requeued or dead):
                 self.stats.reaped_consumers += 1
                 log.warning(
@@ -255,6 +285,7 @@ class Consumer(BaseConsumer[T]):
                     requeued,
                     dead,
                 )
+        return alive
 
     async def _timer_loop(self) -> None:
         interval = self.queue.lease_s / 3

@@ -6,6 +6,9 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:ready               list; producers LPUSH, consumers take from the right
     <prefix>:{<name>}:inflight:<consumer> list; what one consumer holds, oldest at the right
     <prefix>:{<name>}:leases              zset; consumer -> lease deadline (ms)
+    <prefix>:{<name>}:registry            zset; consumer -> last take or heartbeat (ms): every
+                                          consumer that may have an in-flight list, so recovery
+                                          finds the list even when its lease entry is lost
     <prefix>:{<name>}:delayed             zset; message id -> due time (ms): delayed publishes, retries
     <prefix>:{<name>}:scheduled           hash; message id -> envelope, for the delayed set
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
@@ -28,6 +31,10 @@ the keys that say who holds which partition::
     <prefix>:{<name>}:members             zset; member consumer -> membership deadline (ms)
     <prefix>:{<name>}:holders             hash; partition -> the member holding it
     <prefix>:{<name>}:holds               zset; partition -> hold deadline (ms)
+
+and, in each partition's own slot, its fencing token (see the ``fence`` script)::
+
+    <prefix>:{<name>#<i>}:fence           string; '<epoch> <holder>', a greater epoch for every holder
 
 Pub/sub channel names follow it too, so a sharded channel lands with its name's slot::
 
@@ -101,12 +108,21 @@ class QueueKeys(_Keys):
         return f"{self.base}:leases"
 
     @property
+    def registry(self) -> str:
+        return f"{self.base}:registry"
+
+    @property
     def dead(self) -> str:
         return f"{self.base}:dead"
 
     @property
     def done(self) -> str:
         return f"{self.base}:done"
+
+    @property
+    def fence(self) -> str:
+        """A partition's fencing token: '<epoch> <holder>', a new epoch for every holder."""
+        return f"{self.base}:fence"
 
     def inflight(self, consumer: str) -> str:
         return f"{self.base}:inflight:{consumer}"

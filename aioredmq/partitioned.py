@@ -38,7 +38,7 @@ from .commands import execute, pipeline
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .envelope import with_attempts
-from .errors import AioredmqError, ClosedError, ConfigError
+from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError
 from .keys import PartitionKeys, check_name
 from .message import Message
 from .producer import replica_wait
@@ -250,16 +250,58 @@ class _PartitionConsumer(Consumer[T]):
         self.index = index
         self._member = member
         self._parked: dict[bytes, asyncio.TimerHandle] = {}
+        self._wait_only = True
+        self._settle_keys = (*self._settle_keys, queue.keys.fence)
 
     async def _open(self) -> None:
-        # Whoever held this partition before lost it: what it had in flight goes back to
-        # the front, oldest first, before anything new is fetched.
-        leases = self.queue.keys.leases
-        listed: list[bytes] = await execute(self.client.redis, "ZRANGE", leases, 0, -1, keys=(leases,))
-        others = [m for m in listed if m != self.name.encode()]
-        if others:
-            await self._reap_expired(others, force=True)
+        # Fence first: from here on, whoever held this partition before can neither take
+        # nor settle in it, nor renew its lease there.
+        keys = self.queue.keys
+        token: bytes = await script("fence")(self.client.redis, (keys.fence,), (self.name,))
+        self._fence = ((keys.fence,), (token,))
+        self._settle_head = (token,)
         await super()._open()
+
+    async def _fetch_loop(self) -> None:
+        await self._await_previous_holders()
+        await super()._fetch_loop()
+
+    async def _await_previous_holders(self) -> None:
+        """Fetch nothing until every earlier holder is gone: what it had in flight goes back
+        to the front, oldest first, and none of its handlers can still run beside ours.
+        A holder that is alive but fenced renews nothing, so this waits at most a lease."""
+        keys, me = self.queue.keys, self.name.encode()
+        failures = 0
+        logged = False
+        while self._state == 1:
+            try:
+                # The registry names them even when the leases are lost.
+                listed: list[bytes] = await execute(
+                    self.client.redis, "ZRANGE", keys.leases, 0, -1, keys=(keys.leases,)
+                )
+                listed += await execute(self.client.redis, "ZRANGE", keys.registry, 0, -1, keys=(keys.registry,))
+                alive = await self._reap_expired(list(dict.fromkeys(m for m in listed if m != me)))
+            except TRANSIENT as exc:
+                failures += 1
+                await self._pause_after_failure("waiting for the previous holder", exc, failures)
+                continue
+            if not alive:
+                return
+            if not logged:
+                logged = True
+                log.info("member %s waits for the previous holder of partition %d to stop", self.name, self.index)
+            await anyio.sleep(self.queue.lease_s / 10)
+
+    def _fenced(self) -> None:
+        if not self._stopped:
+            log.warning(
+                "member %s: partition %d of %s has a new holder; giving it up",
+                self.name,
+                self.index,
+                self._member.label,
+            )
+            self.stop_delivery()
+            self._member._partition_lost(self.index, self)
 
     def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
         super()._deliver(msgs, fetched)
@@ -383,10 +425,12 @@ class PartitionedConsumer(Generic[T]):
             raise ClosedError("a consumer can be opened only once; call consume() again")
         self.client.check_open()
         self._state = 1
+        self.client.members.add(self)
         try:
             await until_done(self._balance_once, f"member {self.name} of {self.label}: opening")
         except BaseException:
             self._state = 2
+            self.client.members.discard(self)
             with anyio.CancelScope(shield=True):
                 await self._close_subs(list(self._subs))
                 await self._call_balance(leave=True)
@@ -409,6 +453,7 @@ class PartitionedConsumer(Generic[T]):
             return
         self._state = 2
         self._wake.set()
+        self.client.members.discard(self)
         with anyio.CancelScope(shield=True):
             await self._tasks.aclose()
             await self._close_subs(list(self._subs))
@@ -493,6 +538,18 @@ class PartitionedConsumer(Generic[T]):
         async with self._balancing:
             await self._balance()
 
+    def _partition_lost(self, index: int, sub: _PartitionConsumer[T]) -> None:
+        """A script refused ``sub``'s token: close it now rather than at the next balance."""
+
+        async def drop() -> None:
+            async with self._balancing:
+                if self._subs.get(index) is sub:
+                    await self._close_subs([index])
+                    self._leaving.discard(index)
+
+        if self._state == 1:
+            self._tasks.spawn(drop(), f"aioredmq-fenced-{self.name}-{index}")
+
     async def _balance_loop(self) -> None:
         """Renew holds every ``lease_s / 3``; after a failure, retry sooner, whatever it was:
         a member that stopped balancing would keep consuming partitions it no longer holds."""
@@ -519,7 +576,7 @@ class PartitionedConsumer(Generic[T]):
         return self
 
     def _pick(self) -> Message[T] | None:
-        subs = [s for i, s in sorted(self._subs.items()) if i not in self._leaving]
+        subs = [s for i, s in sorted(self._subs.items()) if i not in self._leaving and not s._stopped]
         for turn in range(len(subs)):
             sub = subs[(self._rr + turn) % len(subs)]
             ready: deque[Message[T]] = sub._ready

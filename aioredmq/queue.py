@@ -104,8 +104,8 @@ class Queue(Publishing[T]):
         """Counts of ready, in-flight, waiting-to-retry and dead messages, and the consumers."""
         redis = self.client.redis
         k = self.keys
-        keys = (k.ready, k.leases, k.delayed, k.dead)
-        ready, delayed, dead, (sec, usec), leases = await pipeline(
+        keys = (k.ready, k.leases, k.delayed, k.dead, k.registry)
+        ready, delayed, dead, (sec, usec), leases, registered = await pipeline(
             redis,
             [
                 ("LLEN", k.ready),
@@ -113,6 +113,7 @@ class Queue(Publishing[T]):
                 ("LLEN", k.dead),
                 ("TIME",),
                 ("ZRANGE", k.leases, 0, -1, "WITHSCORES"),
+                ("ZRANGE", k.registry, 0, -1),
             ],
             keys=keys,
         )
@@ -120,7 +121,9 @@ class Queue(Publishing[T]):
         if leases and not isinstance(leases[0], (list, tuple)):  # a flat reply: member, score, ...
             leases = list(zip(leases[::2], leases[1::2], strict=True))
         pairs = [(member.decode("utf-8", "replace"), float(score)) for member, score in leases]
-        lengths = await pipeline(redis, [("LLEN", k.inflight_of(member)) for member, _ in leases], keys=keys)
+        # In-flight lists whose lease entry is lost are counted too: the registry names them.
+        holders = list(dict.fromkeys([member for member, _ in leases] + list(registered)))
+        lengths = await pipeline(redis, [("LLEN", k.inflight_of(member)) for member in holders], keys=keys)
         return QueueStats(
             ready=ready,
             in_flight=sum(lengths),

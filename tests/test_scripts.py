@@ -25,7 +25,7 @@ def envelope(attempts: int = 0) -> bytes:
 
 
 async def reap(raw: aioredis.Redis, consumer: str, max_deliveries: int = 3, keep_ms: int = 1000) -> list[int]:
-    keys = (K.leases, K.inflight(consumer), K.ready, K.dead)
+    keys = (K.leases, K.inflight(consumer), K.ready, K.dead, K.registry)
     result: list[int] = await script("reap")(raw, keys, (consumer, max_deliveries, keep_ms, 0))
     return result
 
@@ -64,7 +64,7 @@ async def test_heartbeat_renews_tells_the_next_due_time_and_names_expired_consum
     await raw.zadd(K.delayed, {"later": 2**50})
     await raw.zadd(K.leases, {"expired": 1, "alive": 2**50})
     await raw.lpush(K.inflight("me"), b"one", b"two")
-    keys = (K.leases, K.delayed, K.inflight("me"))
+    keys = (K.leases, K.delayed, K.inflight("me"), K.registry)
     next_ms, in_flight, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16))
     assert in_flight == 2
     assert next_ms > 10**9
@@ -131,7 +131,7 @@ def test_publish_applies_a_batch_once_per_sequence() -> None:
 async def test_publish_and_take_handle_batches_past_the_lua_stack_limit(raw: aioredis.Redis, n: int) -> None:
     envs = [envelope() for _ in range(n)]
     assert await script("publish")(raw, (K.ready, K.producer("big")), (1, 1000, *envs)) == n
-    taken = await script("take")(raw, (K.ready, K.inflight("c"), K.leases), (n + 5, "c", 1000))
+    taken = await script("take")(raw, (K.ready, K.inflight("c"), K.leases, K.registry), (n + 5, "c", 1000))
     assert taken == envs, "oldest first"
     assert await raw.lrange(K.inflight("c"), -1, -1) == [envs[0]], "oldest at the right"
 

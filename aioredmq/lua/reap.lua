@@ -4,9 +4,11 @@
 -- KEYS[2] the expired consumer's in-flight list (oldest at the right)
 -- KEYS[3] ready list
 -- KEYS[4] dead-letter list
+-- KEYS[5] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
 -- ARGV[1] consumer name
 -- ARGV[2] max deliveries
--- ARGV[3] how long (ms) an expired, empty lease is kept before it is forgotten
+-- ARGV[3] the lease length (ms): how long an expired, empty lease is kept before it is
+--   forgotten, and how long a registered consumer without a lease entry counts as alive
 -- ARGV[4] '1': reap even a live lease, and forget it (the caller took over a partition of a
 --   partitioned queue, whose previous holder lost it); otherwise '0'
 -- Returns {requeued, dead_lettered}; {-1, 0} when the lease is alive again (nothing touched).
@@ -14,8 +16,16 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local force = ARGV[4] == '1'
-if deadline and tonumber(deadline) >= now and not force then
-  return {-1, 0}
+local keep = tonumber(ARGV[3])
+local seen = redis.call('ZSCORE', KEYS[5], ARGV[1])
+if not force then
+  if deadline and tonumber(deadline) >= now then
+    return {-1, 0}
+  end
+  -- No lease entry (lost or evicted): the registry says when it was last heard of.
+  if not deadline and seen and tonumber(seen) + keep >= now then
+    return {-1, 0}
+  end
 end
 local max = tonumber(ARGV[2])
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
@@ -46,7 +56,13 @@ for i = 1, #items do
 end
 -- Keep an expired entry for a while: a partitioned consumer's last blocking move may still
 -- land in its in-flight list, and the next reap must find it.
-if force or (deadline and tonumber(deadline) + tonumber(ARGV[3]) < now and #items == 0) then
+if force or (deadline and tonumber(deadline) + keep < now and #items == 0) then
   redis.call('ZREM', KEYS[1], ARGV[1])
+end
+-- The registry entry outlives a forced reap (a late move may still land) and is dropped only
+-- once the list is empty and nothing was heard of its consumer for two leases.
+if not force and #items == 0 and (not seen or tonumber(seen) + 2 * keep < now)
+    and (not deadline or tonumber(deadline) + keep < now) then
+  redis.call('ZREM', KEYS[5], ARGV[1])
 end
 return {requeued, dead}

@@ -18,7 +18,21 @@
 --   action 'X' to dead-letter; new value is the dead-letter record
 --   action 'M' an ack that also marks message id <value> processed for <score> ms; the
 --     marker is written even when the ack is late, since the handler's work was done
+-- KEYS[7] (a partition's consumer only) the partition's fence; ARGV[1] is then the holder's
+--   fencing token and the arguments above follow it. With a token that is not the current
+--   one, nothing is written and every settle is late: the partition has another holder.
 -- Returns the 1-based positions (acks first, then the others) of messages no longer in flight.
+if KEYS[7] then
+  if redis.call('GET', KEYS[7]) ~= ARGV[1] then
+    local n = tonumber(ARGV[2])
+    local all = {}
+    for i = 1, n + (#ARGV - 2 - n) / 4 do
+      all[i] = i
+    end
+    return all
+  end
+  table.remove(ARGV, 1)
+end
 local inflight = KEYS[1]
 local k = tonumber(ARGV[1])
 local late = {}
