@@ -161,11 +161,12 @@ class Client:
     async def _check_memory_policy(self) -> None:
         """Warn once when Redis may evict keys: with any ``maxmemory-policy`` but
         ``noeviction`` a full Redis deletes keys, queues among them. Asked once Redis
-        answers; skipped where CONFIG is not allowed (a managed service, an ACL user)."""
+        answers, through ``INFO memory`` (managed services that disable CONFIG allow it);
+        skipped where INFO is not allowed either."""
         for delay in (*(0.5,) * 4, *(5.0,) * 11):
             try:
                 with mapped():
-                    reply = await self.redis.config_get("maxmemory-policy")
+                    reply = await self.redis.info("memory")
             except TRANSIENT:
                 await anyio.sleep(delay)
                 continue
@@ -463,13 +464,13 @@ def _cluster_auth(rc: RedisCluster) -> dict[str, Any]:
 
 
 def _policies(reply: Any) -> list[str]:
-    """The ``maxmemory-policy`` values in a CONFIG GET reply (a cluster client's may hold
-    one per node)."""
+    """The ``maxmemory_policy`` values in an INFO reply (a cluster client's may hold one
+    per node)."""
     if isinstance(reply, dict):
         found: list[str] = []
         for key, value in reply.items():
             name = key.decode() if isinstance(key, bytes) else key
-            if name == "maxmemory-policy":
+            if name == "maxmemory_policy":
                 found.append(value.decode() if isinstance(value, bytes) else str(value))
             else:
                 found += _policies(value)

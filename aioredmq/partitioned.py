@@ -34,7 +34,7 @@ import anyio
 
 from .base_consumer import default_consumer_name, until_done
 from .codecs import Codec
-from .commands import execute, pipeline
+from .commands import execute, pipeline, resent_once
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .envelope import with_attempts
@@ -217,6 +217,7 @@ class PartitionedQueue(Generic[T]):
             handover_grace_s=handover_grace_s,
         )
 
+    @resent_once
     async def stats(self) -> PartitionedStats:
         """Each partition's counts, who holds which, and the members' remaining leases."""
         k = self.keys

@@ -26,7 +26,7 @@ import anyio
 
 from .client import Client
 from .codecs import Codec, get_codec
-from .commands import pipeline
+from .commands import pipeline, resent_once
 from .config import RetryPolicy, check_positive
 from .delayed import due_spec
 from .envelope import encode, encode_many
@@ -434,6 +434,7 @@ class Publishing(Generic[T]):
             self.client.metrics.published(self.name, len(ids))
         return ids
 
+    @resent_once
     async def cancel(self, message_id: str) -> bool:
         """Withdraw a message waiting in the delayed set (scheduled, or waiting to be
         retried). Returns False if it is not there: already due and moved, or unknown."""

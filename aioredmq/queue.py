@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from .codecs import Codec
-from .commands import execute, pipeline
+from .commands import execute, pipeline, resent_once
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .dead import DeadLetters
@@ -100,6 +100,7 @@ class Queue(Publishing[T]):
 
     # -- inspection ------------------------------------------------------------------
 
+    @resent_once
     async def stats(self) -> QueueStats:
         """Counts of ready, in-flight, waiting-to-retry and dead messages, and the consumers."""
         redis = self.client.redis
@@ -132,6 +133,7 @@ class Queue(Publishing[T]):
             consumers={name: (score - now_ms) / 1000.0 for name, score in pairs},
         )
 
+    @resent_once
     async def peek(self, count: int = 10) -> list[bytes]:
         """The next ``count`` ready envelopes, next in line first, without taking them
         (:func:`aioredmq.envelope.decode` reads one; a foreign writer's bytes may not decode)."""
@@ -143,6 +145,7 @@ class Queue(Publishing[T]):
 
     # -- dead letters ----------------------------------------------------------------
 
+    @resent_once
     async def dead_letters(self, limit: int = 100) -> list[DeadRecord]:
         """The oldest ``limit`` dead-letter records, oldest first."""
         return await self._dead.list(limit)

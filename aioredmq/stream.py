@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .codecs import Codec
-from .commands import execute, pipeline
+from .commands import execute, pipeline, resent_once
 from .config import RetryPolicy, check_positive
 from .dead import DeadLetters
 from .envelope import DeadRecord, Envelope, encode
@@ -213,6 +213,7 @@ class Stream(Publishing[T]):
 
     # -- inspection ------------------------------------------------------------------
 
+    @resent_once
     async def stats(self) -> StreamStats:
         """Length, per-group pending, lag and dead letters, and each consumer's idle time."""
         redis, k = self.client.redis, self.keys
@@ -245,6 +246,7 @@ class Stream(Publishing[T]):
             )
         return StreamStats(int(length), out, int(dropped or 0), delayed)
 
+    @resent_once
     async def peek(self, group: str | None = None, count: int = 10) -> list[tuple[str, bytes]]:
         """Up to ``count`` entries as (entry id, envelope), oldest first, without reading
         them for any group: those ``group`` has not been given yet, or from the start."""
@@ -275,6 +277,7 @@ class Stream(Publishing[T]):
 
         return DeadLetters(self.client, self.keys.dead(group), self.keys.stream, "stream", requeued)
 
+    @resent_once
     async def dead_letters(self, group: str, limit: int = 100) -> list[DeadRecord]:
         """The oldest ``limit`` dead-letter records of ``group``, oldest first."""
         return await self._dead(group).list(limit)

@@ -559,3 +559,27 @@ async def test_a_failed_message_is_retried_after_its_backoff_not_at_the_next_hea
         await wait_for(lambda: len(waits) == 120, 30, "every retry")
         tg.cancel_scope.cancel()
     assert max(waits) < 0.3 + 1.5, f"a retry waited {max(waits):.1f} s for a 0.3 s backoff"
+
+
+async def test_one_shot_reads_and_cancel_survive_a_connection_redis_dropped_while_idle() -> None:
+    """stats(), peek(), dead_letters() and cancel() failed once on a pooled connection that
+    Redis had closed while idle (its `timeout`), then worked. They are safe to send twice,
+    and now resend once."""
+    with RedisServer("--timeout", "1") as server:
+        async with aioredmq.connect(server.url, max_connections=1) as mq:
+            queue, stream = mq.queue("h-idle"), mq.stream("h-idle")
+            mid = await queue.publish({"n": 1}, delay=60)
+            await stream.publish({"n": 1})
+            calls: list[Callable[[], Awaitable[object]]] = [
+                queue.stats,
+                queue.peek,
+                queue.dead_letters,
+                stream.stats,
+                stream.peek,
+                lambda: stream.dead_letters("g"),
+                lambda: queue.cancel(mid),
+            ]
+            for call in calls:
+                await anyio.sleep(1.6)  # Redis closes the pool's one connection
+                await call()
+            assert (await queue.stats()).delayed == 0  # the cancel went through

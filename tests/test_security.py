@@ -109,6 +109,7 @@ ACL_COMMANDS = [
     "+del",
     "+incrby",
     "+time",
+    "+info",
     "+llen",
     "+lrange",
     "+lpush",
