@@ -38,7 +38,7 @@ from .commands import execute, pipeline, resent_once
 from .config import RetryPolicy, check_positive
 from .consumer import Consumer
 from .envelope import with_attempts
-from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError
+from .errors import AioredmqError, ClosedError, ConfigError, permanent
 from .keys import PartitionKeys, check_name
 from .message import Message
 from .producer import replica_wait
@@ -282,7 +282,9 @@ class _PartitionConsumer(Consumer[T]):
                 )
                 listed += await execute(self.client.redis, "ZRANGE", keys.registry, 0, -1, keys=(keys.registry,))
                 alive = await self._reap_expired(list(dict.fromkeys(m for m in listed if m != me)))
-            except TRANSIENT as exc:
+            except AioredmqError as exc:
+                if permanent(exc):
+                    raise
                 failures += 1
                 await self._pause_after_failure("waiting for the previous holder", exc, failures)
                 continue
