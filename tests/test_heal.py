@@ -583,3 +583,22 @@ async def test_one_shot_reads_and_cancel_survive_a_connection_redis_dropped_whil
                 await anyio.sleep(1.6)  # Redis closes the pool's one connection
                 await call()
             assert (await queue.stats()).delayed == 0  # the cancel went through
+
+
+async def test_a_key_of_another_type_fails_the_whole_settle_and_loses_nothing(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A WRONGTYPE part-way through the settle script left a message removed from in
+    flight and placed nowhere: the script checks the keys it may write before the first."""
+    queue = mq.queue("h-type", retry=aioredmq.RetryPolicy(backoff_initial_s=5))
+    await queue.publish({"n": 1})
+    async with queue.consume(name="c") as consumer:
+        msg = await anext(consumer)
+        await raw.delete(queue.keys.delayed)
+        await raw.set(queue.keys.delayed, "not a sorted set")
+        await msg.nack()  # a retry: to the delayed set, which is now a string
+        await anyio.sleep(0.5)  # the settle is refused, and resent
+        assert len(await raw.lrange(queue.keys.inflight("c"), 0, -1)) == 1, "taken from in flight, put nowhere"
+        await raw.delete(queue.keys.delayed)  # the operator's fix: the resend goes through
+        await wait_for(lambda: consumer.held == 0, 10, "the settle applied")
+    assert (await queue.stats()).delayed == 1

@@ -37,6 +37,17 @@ local inflight = KEYS[1]
 local k = tonumber(ARGV[1])
 local late = {}
 local matched = 0
+-- Redis does not roll a script back: a key of another type met half-way would leave a
+-- message taken from in flight and put nowhere. Check every key this call may write first.
+if #ARGV > k + 1 then
+  local want = {'list', 'list', 'zset', 'list', 'hash', 'zset'}
+  for i = 1, 6 do
+    local kind = redis.call('TYPE', KEYS[i])['ok']
+    if kind ~= 'none' and kind ~= want[i] then
+      return redis.error_reply('WRONGTYPE key ' .. KEYS[i] .. ' holds a ' .. kind .. ', not a ' .. want[i])
+    end
+  end
+end
 if k > 0 then
   local oldest = redis.call('LRANGE', inflight, -k, -1)
   local n = #oldest
