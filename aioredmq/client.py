@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from .codecs import Codec
 from .commands import AnyRedis
 from .config import RetryPolicy, check_positive
-from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, mapped
+from .errors import TRANSIENT, AioredmqError, ClosedError, ConfigError, PublishUnconfirmedError, mapped
 from .keys import check_name
 from .observe import Metrics, Tracing
 from .tasks import Tasks
@@ -118,7 +118,10 @@ class Client:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         sharded_channels: bool | None = None,
+        close_timeout_s: float = 10.0,
     ) -> None:
+        check_positive("close_timeout_s", close_timeout_s)
+        self.close_timeout_s = close_timeout_s
         if metrics is not None and not isinstance(metrics, Metrics):
             raise ConfigError(f"metrics={metrics!r} must be an aioredmq.observe.Metrics")
         if tracing is not None and not isinstance(tracing, Tracing):
@@ -188,14 +191,26 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        except PublishUnconfirmedError as unconfirmed:
+            if exc is None:
+                raise
+            log.error("while closing on %r: %s (ids: %s)", exc, unconfirmed, ", ".join(unconfirmed.ids))
 
     async def aclose(self) -> None:
-        """Flush every producer, stop background tasks, close what this client created."""
+        """Flush every producer, stop background tasks, close what this client created.
+
+        Producers get ``close_timeout_s`` (from :func:`connect`) to have what they buffer
+        confirmed; whatever is not confirmed by then is given up and, once everything is
+        closed, raised as one ``PublishUnconfirmedError`` whose ``ids`` name it (those
+        messages may or may not be in Redis). Its publishers got the same error."""
         if self._state is _State.CLOSED:
             return
         was_open = self._state is _State.OPENED
         self._state = _State.CLOSED
+        unconfirmed: tuple[str, ...] = ()
+        deadline = anyio.current_time() + self.close_timeout_s
         with anyio.CancelScope(shield=True):
             try:
                 if was_open:
@@ -208,7 +223,7 @@ class Client:
                         await subscriber._stop()
                     partitions = [q for pq in self._partitioned.values() for q in pq.partitions]
                     for source in [*self._queues.values(), *self._streams.values(), *partitions]:
-                        await source.aclose_producers()
+                        unconfirmed += await source.aclose_producers(deadline)
             finally:
                 await self._tasks.aclose()
                 for conn in list(self._dedicated):
@@ -218,6 +233,12 @@ class Client:
                     await _close(self.redis)
                 for other in self._also_close:
                     await _close(other)
+        if unconfirmed:
+            raise PublishUnconfirmedError(
+                f"closing: {len(unconfirmed)} message(s) were not confirmed within close_timeout_s="
+                f"{self.close_timeout_s}; they may or may not be in Redis",
+                unconfirmed,
+            )
 
     def check_open(self) -> None:
         if self._state is _State.UNOPENED:
@@ -539,6 +560,7 @@ def connect(
     tracing: Tracing | None = None,
     cluster: bool = False,
     sharded_channels: bool | None = None,
+    close_timeout_s: float = 10.0,
 ) -> Client:
     """Connect to Redis by URL (``redis://``, ``rediss://``, ``unix://``) or with a client.
     ``cluster=True``: the URL names one node of a Redis Cluster (or pass a ``RedisCluster``).
@@ -549,12 +571,14 @@ def connect(
     Use it as ``async with aioredmq.connect(url) as mq: ...``. A client you pass in is
     used as it is (including its retry policy) and stays open after ``mq`` closes.
     ``metrics`` and ``tracing`` receive what the library does (see :mod:`aioredmq.observe`).
+    ``close_timeout_s``: how long closing waits for buffered publishes to be confirmed.
     """
     common: dict[str, Any] = {
         "prefix": prefix,
         "metrics": metrics,
         "tracing": tracing,
         "sharded_channels": sharded_channels,
+        "close_timeout_s": close_timeout_s,
     }
     if isinstance(url_or_client, Sentinels):
         s = url_or_client

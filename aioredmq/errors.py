@@ -139,7 +139,12 @@ class PublishUnconfirmedError(PublishError):
     """The batch was sent but never confirmed; the messages may or may not exist.
 
     Retrying the publish may create a duplicate; consumers deduplicate by message id.
+    ``ids`` names the messages (when known: a close that ran out of time lists them all).
     """
+
+    def __init__(self, message: str, ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.ids = ids
 
 
 class NotReplicatedError(PublishError):

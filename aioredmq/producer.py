@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import time
@@ -93,6 +94,9 @@ class Producer:
         self._max_batch_bytes = max_batch_bytes
         self._seq = 0
         self._buf: deque[_Group] = deque()
+        self._deadline = math.inf  # set by a close that must end in time
+        self._sending: anyio.CancelScope | None = None
+        self.unconfirmed_at_close: tuple[str, ...] = ()
         self._buffered = 0
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -170,12 +174,19 @@ class Producer:
                 envs, futs, wait = self._next_batch()
                 error: BaseException | None = None
                 try:
-                    with anyio.CancelScope(shield=True):
+                    # Shielded: a cancelled caller's messages are still sent. A close that
+                    # runs out of time ends the send (the scope's own deadline).
+                    with anyio.CancelScope(shield=True, deadline=self._deadline) as sending:
+                        self._sending = sending
                         await self._send_batch(envs, wait)
+                    if sending.cancelled_caught:
+                        error = self._unconfirmed_at_close(envs)
                 except Exception as exc:  # every caller must hear of it, whatever it is
                     if not isinstance(exc, AioredmqError):
                         log.exception("unexpected error publishing to %s", self._name)
                     error = exc
+                finally:
+                    self._sending = None
                 for fut in futs:
                     if not fut.done():
                         if error is None:
@@ -232,12 +243,26 @@ class Producer:
                 )
             return
 
-    async def aclose(self) -> None:
-        """Send what is buffered, then refuse new sends."""
+    def _unconfirmed_at_close(self, envs: list[bytes]) -> PublishUnconfirmedError:
+        ids = tuple(env.split(b" ", 2)[1].decode() for env in envs)
+        self.unconfirmed_at_close += ids
+        return PublishUnconfirmedError(
+            f"{len(ids)} message(s) to {self._name!r} were not confirmed before the close "
+            "deadline; they may or may not be queued",
+            ids,
+        )
+
+    async def aclose(self, deadline: float | None = None) -> None:
+        """Send what is buffered, then refuse new sends. By ``deadline`` (anyio's clock) a
+        batch still unconfirmed is given up: its callers get PublishUnconfirmedError, and
+        its ids are in ``unconfirmed_at_close``."""
         if self._closed:
             return
         self._closed = True
         self._space.set()
+        self._deadline = math.inf if deadline is None else deadline
+        if self._sending is not None:
+            self._sending.deadline = self._deadline
         if self._loop is not None:  # the flusher runs
             await self._idle.wait()
 
@@ -327,10 +352,12 @@ class Publishing(Generic[T]):
             max_buffered=max_buffered,
         )
 
-    async def aclose_producers(self) -> None:
-        """Send what is buffered, then refuse new publishes."""
-        await self.producer.aclose()
-        await self.scheduler.aclose()
+    async def aclose_producers(self, deadline: float | None = None) -> tuple[str, ...]:
+        """Send what is buffered, then refuse new publishes; by ``deadline``, give up on
+        what is still unconfirmed and return its ids."""
+        await self.producer.aclose(deadline)
+        await self.scheduler.aclose(deadline)
+        return self.producer.unconfirmed_at_close + self.scheduler.unconfirmed_at_close
 
     def _encode(self, bodies: Iterable[Any], headers: Mapping[str, str] | None) -> tuple[list[str], list[bytes]]:
         return check_encoded(self.codec, self.max_body_bytes, repr(self.name), bodies, headers)

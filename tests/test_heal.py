@@ -9,6 +9,7 @@ confirmed message lost, and every loop still running afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -602,3 +603,51 @@ async def test_a_key_of_another_type_fails_the_whole_settle_and_loses_nothing(
         await raw.delete(queue.keys.delayed)  # the operator's fix: the resend goes through
         await wait_for(lambda: consumer.held == 0, 10, "the settle applied")
     assert (await queue.stats()).delayed == 1
+
+
+async def test_closing_while_redis_is_silent_ends_in_time_and_names_what_it_gave_up() -> None:
+    """Each buffered batch got up to 18 shielded tries of a full socket timeout: with Redis
+    silent, closing took 24 s for two batches at a 0.5 s timeout, minutes at the defaults."""
+    import signal
+    import time
+
+    with RedisServer() as server:
+        mq = aioredmq.connect(server.url, socket_timeout_s=0.5, close_timeout_s=1.0)
+        await mq.__aenter__()
+        queue = mq.queue("h-close")
+        first = await queue.publish({"n": -1})  # connected, script loaded
+        server.kill(signal.SIGSTOP)
+        outcomes: list[BaseException | None] = []
+
+        async def publish(n: int) -> None:
+            try:
+                await queue.publish_many([{"n": n}, {"n": n + 1}])
+            except aioredmq.PublishUnconfirmedError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for n in range(0, 40, 2):
+                    tg.start_soon(publish, n)
+                await anyio.sleep(0.2)  # the first batch is on its way; the rest wait behind it
+                began = time.monotonic()
+                with pytest.raises(aioredmq.PublishUnconfirmedError) as closing:
+                    await mq.aclose()
+                took = time.monotonic() - began
+        finally:
+            server.kill(signal.SIGCONT)
+        assert took < 1.0 + 1.0, f"closing took {took:.1f} s with close_timeout_s=1"
+        assert len(outcomes) == 20
+        assert all(isinstance(o, aioredmq.PublishUnconfirmedError) for o in outcomes)
+        gave_up = set(closing.value.ids)
+        assert len(gave_up) == 40  # every message, by id
+        async with aioredis.Redis.from_url(server.url) as raw:
+            from aioredmq.envelope import decode
+
+            queued = [decode(e) for e in await raw.lrange(queue.keys.ready, 0, -1)]
+        given_up_but_there = {env.id for env in queued} - {first}
+        assert given_up_but_there <= gave_up, "a message is in Redis that the close did not name"
+        ns = {json.loads(env.body)["n"] for env in queued if env.id != first}
+        assert all(n ^ 1 in ns for n in ns), f"half a batch in Redis: {sorted(ns)}"  # batches are (0, 1), (2, 3)...
