@@ -27,6 +27,7 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import redis.exceptions as rex
@@ -236,6 +237,9 @@ def permanent(exc: AioredmqError) -> bool:
     return False
 
 
+_IN_SCRIPT = re.compile(r"@user_script: ?\d+: -?([A-Z]+) ")
+
+
 def _code(exc: BaseException, text: str) -> str:
     """The error code of a reply: redis-py keeps it apart (``status_code``) for the codes it
     strips; otherwise it is the first word of the text. A script's error reply keeps the
@@ -245,6 +249,9 @@ def _code(exc: BaseException, text: str) -> str:
     for cls, known in _STRIPPED:
         if isinstance(exc, cls):
             return known
+    inner = _IN_SCRIPT.findall(text)
+    if inner:  # Redis 6.2 wraps a script's failed command: "ERR Error running script ...: CODE ..."
+        return str(inner[-1])
     code = getattr(exc, "status_code", None)
     if not isinstance(code, str) or not code:
         code = text.split(" ", 1)[0]

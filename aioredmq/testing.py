@@ -80,12 +80,14 @@ class _Started:
 
 class RedisServer(_Started):
     """``with RedisServer() as server: server.url``. Extra ``redis-server`` options as
-    ``("--appendonly", "yes")`` pairs in ``args``."""
+    ``("--appendonly", "yes")`` pairs in ``args``. ``executable`` defaults to
+    ``$AIOREDMQ_REDIS_SERVER``, else ``redis-server`` on the PATH."""
 
-    def __init__(self, *args: str, port: int | None = None, executable: str = "redis-server") -> None:
+    def __init__(self, *args: str, port: int | None = None, executable: str | None = None) -> None:
         self.args = args
         self.port = port or free_port()
-        self.executable = executable
+        # Another build of the server (an older Redis, say) by its path, for a whole test run.
+        self.executable = executable or os.environ.get("AIOREDMQ_REDIS_SERVER") or "redis-server"
         self.dir = ""
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -29,6 +29,21 @@ from aioredmq import errors
             rex.ResponseError("OOM command not allowed when used memory > 'maxmemory'. script: x"),
             errors.OutOfMemoryError,
         ),
+        # Redis 6.2 wraps the error of a command that failed inside a script:
+        (
+            rex.ResponseError("Error running script (call to f_a4e9): @user_script:18: NOGROUP No such key 's'"),
+            errors.ResponseError,
+        ),
+        (
+            rex.ResponseError("Error running script (call to f_1e34): @user_script:37: -READONLY You can't write"),
+            errors.UnavailableError,
+        ),
+        (
+            rex.ResponseError(
+                "Error running script (call to f_2cae): @user_script:18: @user_script: 18: -OOM command not"
+            ),
+            errors.OutOfMemoryError,
+        ),
         (rex.DataError("bad"), errors.RedisError),
     ],
 )
@@ -37,6 +52,12 @@ def test_translation(raised: Exception, expected: type[errors.AioredmqError]) ->
         raise raised
     assert type(info.value) is expected
     assert info.value.__cause__ is raised
+
+
+def test_a_script_error_of_redis_6_2_keeps_the_code_of_the_command_inside() -> None:
+    err = errors.translate(rex.ResponseError("Error running script (call to f_a4): @user_script:18: NOGROUP No such"))
+    assert isinstance(err, errors.ResponseError)
+    assert err.code == "NOGROUP"
 
 
 def test_only_what_no_wait_cures_is_permanent() -> None:

@@ -268,7 +268,7 @@ async def test_a_service_started_before_redis_consumes_once_redis_is_up() -> Non
 async def test_opening_a_consumer_waits_out_idle_dropped_connections_and_a_busy_script(kind: str) -> None:
     """The first heartbeat, XGROUP CREATE or partition balance met a pooled connection that
     Redis closed while idle (its `timeout`), or BUSY from a long script, and raised."""
-    with RedisServer("--timeout", "1", "--busy-reply-threshold", "50") as server:
+    with RedisServer("--timeout", "1", "--lua-time-limit", "50") as server:
         async with aioredmq.connect(server.url) as mq:
             source = mq.partitioned("h-open", partitions=2) if kind == "partitioned" else source_of(mq, kind, "h-open")
             if isinstance(source, aioredmq.Stream):
