@@ -189,6 +189,10 @@ class Service:
             try:
                 await run(source, runner.handler, **runner.options, opened=on_open)
                 error: BaseException = ClosedError("the runner's consumer ended")
+            except ConfigError as exc:  # a bad option: no restart cures it
+                self._set(i, state="stopped", last_error=repr(exc))
+                log.error("handler runner %s stopped: %r", self._health[i].name, exc, exc_info=exc)
+                return
             except AioredmqError as exc:
                 error = exc
             except Exception as exc:

@@ -250,3 +250,21 @@ async def test_a_runner_that_fails_restarts_with_backoff_and_reports_it_until_fi
         assert service.health().runners[0].state == "running"
     await service.stop()
     assert not service.running
+
+
+async def test_a_runner_with_a_bad_option_stops_once_and_is_not_restarted(redis_url: str) -> None:
+    async def noop(msg: aioredmq.Message[Any]) -> None:
+        pass
+
+    service = aioredmq.Service(redis_url)
+    service.add(lambda mq: mq.queue("bad-option"), noop, group="a group is for streams")
+    await service.start()
+    try:
+        await wait_for(lambda: service.health().runners[0].state == "stopped", 10, "the runner stopped")
+        await anyio.sleep(1.0)
+        runner = service.health().runners[0]
+        assert runner.restarts == 0
+        assert "ConfigError" in (runner.last_error or "")
+        assert not service.ready
+    finally:
+        await service.stop()
