@@ -110,6 +110,7 @@ ACL_COMMANDS = [
     "+incrby",
     "+time",
     "+info",
+    "+type",
     "+llen",
     "+lrange",
     "+lpush",
