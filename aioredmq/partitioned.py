@@ -14,8 +14,13 @@ place after its backoff (or dead-lettered at the limit), never behind later mess
 Across a crash the order holds too: when a member takes over a partition, before it
 fetches anything it returns every message the previous holder had in flight to the front
 of the partition's ready list (oldest first). A member giving a partition up in a
-rebalance first lets its running handlers finish, returns the rest to the front, then
-releases the lease.
+rebalance first lets its running handlers finish, for up to ``handover_grace_s``; then
+the runner's handlers still running are cancelled, and the partition is released only
+once none of its handlers runs (a handler of an ``async for`` loop cannot be cancelled
+from here, so the partition waits for it); what is unfinished returns to the front.
+A partition lost to another member (its lease lapsed, or a script refused the holder's
+fencing token) has its runner handlers cancelled at once, and its keys stay blocked in
+this member until those handlers have ended, so taking it back never runs a key twice.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 import anyio
 
@@ -207,6 +212,9 @@ class PartitionedQueue(Generic[T]):
 
         ``prefetch`` applies per partition held. ``handover_grace_s``: how long running
         handlers of a partition given up in a rebalance may take before it is handed over.
+        Past it, handlers run by ``mq.run()`` are cancelled (their messages go back to the
+        front); a handler of your own ``async for`` loop is waited for, since it cannot be
+        cancelled from here. The partition is released only once none of its handlers runs.
         """
         return PartitionedConsumer(
             self,
@@ -361,7 +369,39 @@ class _PartitionConsumer(Consumer[T]):
     @property
     def busy(self) -> bool:
         """Handed-out messages not settled yet, or parked retries."""
-        return bool(self._parked) or any(m is not None and m._started and not m._settled for m in self._held.values())
+        return bool(self._parked) or self.running
+
+    @property
+    def running(self) -> bool:
+        """Handed-out messages not settled yet."""
+        return any(m is not None and m._started and not m._settled for m in self._held.values())
+
+
+class _Handling:
+    """The runner's handling of one message of a member: a cancel scope the member can
+    cancel when the message's partition is given up or lost, and a note when it ends."""
+
+    __slots__ = ("_member", "_msg", "_scope")
+
+    def __init__(self, member: PartitionedConsumer[Any], msg: Message[Any]) -> None:
+        self._member = member
+        self._msg = msg
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+        self._member._handlers[self._msg] = self._scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._member._handler_ended(self._msg)
 
 
 class PartitionedConsumer(Generic[T]):
@@ -394,6 +434,7 @@ class PartitionedConsumer(Generic[T]):
         self._leaving: set[int] = set()  # being handed over
         self._giving_up: set[int] = set()  # handed over; the next balance call releases them
         self._busy: dict[tuple[int, str | None], Message[T]] = {}
+        self._handlers: dict[Message[T], anyio.CancelScope] = {}  # the runner's, running
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # a handed-out message was settled
         self._balancing = anyio.Lock()  # a balance and the end of a hand-over never interleave
@@ -465,15 +506,45 @@ class PartitionedConsumer(Generic[T]):
             except AioredmqError as exc:
                 log.warning("member %s of %s did not leave cleanly (%s); its leases expire", self.name, self.label, exc)
 
-    async def _close_subs(self, indexes: list[int]) -> None:
+    async def _close_subs(self, indexes: list[int], *, cancel: bool = False) -> None:
+        """Close the consumers of ``indexes``; with ``cancel``, cancel their handlers first
+        (the partition is someone else's). A key whose handler still runs stays blocked
+        here until it ends, whoever holds the partition next in this member."""
         for index in indexes:
             sub = self._subs.pop(index, None)
             if sub is None:
                 continue
+            if cancel:
+                self._cancel_handlers(sub)
             sub.give_back_parked()
             await sub.aclose()
-            for key in [k for k, m in self._busy.items() if k[0] == index]:
+            for key in [k for k, m in self._busy.items() if k[0] == index and m not in self._handlers]:
                 del self._busy[key]
+
+    def _cancel_handlers(self, sub: _PartitionConsumer[T]) -> int:
+        scopes = [scope for msg, scope in self._handlers.items() if msg._consumer is sub]
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
+    def _handles(self, sub: _PartitionConsumer[T]) -> bool:
+        """Whether a handler of one of ``sub``'s messages still runs."""
+        return sub.running or any(msg._consumer is sub for msg in self._handlers)
+
+    def handling(self, msg: Message[T]) -> _Handling:
+        """For the runner: enter around a handler of ``msg``, so that giving up or losing
+        its partition cancels it, and its key stays blocked until it has ended."""
+        return _Handling(self, msg)
+
+    def _handler_ended(self, msg: Message[T]) -> None:
+        self._handlers.pop(msg, None)
+        sub = msg._consumer
+        assert isinstance(sub, _PartitionConsumer)
+        key = (sub.index, msg.headers.get(KEY_HEADER))
+        if self._subs.get(sub.index) is not sub and self._busy.get(key) is msg:
+            del self._busy[key]  # its partition was closed while it ran
+            self._wake.set()
+        self._settled.set()
 
     # -- balancing -------------------------------------------------------------------
 
@@ -494,7 +565,7 @@ class PartitionedConsumer(Generic[T]):
         lost = [i for i in self._subs if i not in mine]
         if lost:
             log.warning("member %s lost partitions %s of %s (its lease lapsed)", self.name, lost, self.label)
-            await self._close_subs(lost)
+            await self._close_subs(lost, cancel=True)
             self._leaving.difference_update(lost)
         for index in sorted(mine - set(self._subs)):
             sub = _PartitionConsumer(self, index, self.pq.partitions[index])
@@ -514,6 +585,22 @@ class PartitionedConsumer(Generic[T]):
         sub = self._subs.get(index)
         with anyio.move_on_after(self.handover_grace_s):
             while sub is not None and sub.busy and self._subs.get(index) is sub:
+                self._settled.clear()
+                await self._settled.wait()
+        if sub is not None and self._subs.get(index) is sub and self._handles(sub):
+            # Past the grace: the runner's handlers are cancelled (their messages go back
+            # to the front); the partition is released only once none of them runs, or a
+            # new holder could start a key's next message beside its previous one.
+            cancelled = self._cancel_handlers(sub)
+            log.warning(
+                "member %s: handing partition %d of %s over after %.1f s; %s",
+                self.name,
+                index,
+                self.label,
+                self.handover_grace_s,
+                f"cancelling {cancelled} running handler(s)" if cancelled else "waiting for its running handlers",
+            )
+            while self._subs.get(index) is sub and self._handles(sub):
                 self._settled.clear()
                 await self._settled.wait()
         async with self._balancing:
@@ -547,7 +634,7 @@ class PartitionedConsumer(Generic[T]):
         async def drop() -> None:
             async with self._balancing:
                 if self._subs.get(index) is sub:
-                    await self._close_subs([index])
+                    await self._close_subs([index], cancel=True)
                     self._leaving.discard(index)
 
         if self._state == 1:

@@ -54,7 +54,9 @@ async def run(
     handful of messages per round trip costs more in round trips than it saves.
     With ``idempotency``, a message whose id is marked processed is acked without
     running the handler, and a success writes the marker with the ack. ``opened`` is
-    called once the consumer is open (it waits for Redis first).
+    called once the consumer is open (it waits for Redis first). On a partitioned queue,
+    ``grace_s`` is also how long a partition handed over to another member waits for its
+    running handlers before cancelling them.
     """
     check_positive("concurrency", concurrency, integer=True)
     check_positive("grace_s", grace_s, zero=True)
@@ -65,7 +67,7 @@ async def run(
     if isinstance(queue, PartitionedQueue):
         if group is not None:
             raise ConfigError(f"group={group!r} applies to streams; {queue!r} is a partitioned queue")
-        consumer = queue.consume(prefetch=prefetch, name=name)
+        consumer = queue.consume(prefetch=prefetch, name=name, handover_grace_s=grace_s)
     elif isinstance(queue, Stream):
         consumer = queue.consume(group or "default", prefetch=prefetch, name=name)
     elif group is not None:
@@ -139,26 +141,39 @@ async def _workers(
 
     plain = handler_timeout_s is None and metrics is None and tracing is None
 
+    async def handle(msg: Message[T]) -> None:
+        if idempotency is None:
+            # What `async with msg.process()` does, without its two awaits per message.
+            try:
+                if plain:
+                    await handler(msg)
+                else:
+                    await call(msg)
+            except BaseException as exc:
+                if not settle_outcome(msg, exc):
+                    raise
+            else:
+                settle_outcome(msg, None)
+        else:
+            async with idempotency.process(msg) as fresh:
+                if fresh:
+                    await call(msg)
+
     async def worker() -> None:
         async for msg in consumer:
-            if idempotency is None:
-                # What `async with msg.process()` does, without its two awaits per message.
-                try:
-                    if plain:
-                        await handler(msg)
-                    else:
-                        await call(msg)
-                except BaseException as exc:
-                    if not settle_outcome(msg, exc):
-                        raise
-                else:
-                    settle_outcome(msg, None)
-            else:
-                async with idempotency.process(msg) as fresh:
-                    if fresh:
-                        await call(msg)
+            await handle(msg)
+
+    async def partition_worker(member: PartitionedConsumer[T]) -> None:
+        # The member cancels a handler whose partition it gives up or loses.
+        async for msg in member:
+            with member.handling(msg):
+                await handle(msg)
 
     with shield:
         async with anyio.create_task_group() as tg:
             for i in range(concurrency):
-                tg.start_soon(worker, name=f"aioredmq-worker-{consumer.label}-{i}")
+                name = f"aioredmq-worker-{consumer.label}-{i}"
+                if isinstance(consumer, PartitionedConsumer):
+                    tg.start_soon(partition_worker, consumer, name=name)
+                else:
+                    tg.start_soon(worker, name=name)

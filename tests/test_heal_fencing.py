@@ -101,17 +101,19 @@ class KeyWatch:
         self.completed: set[int] = set()
         self.by_member: dict[str, int] = {}
 
-    async def handle(self, member: str, msg: aioredmq.Message[Any]) -> None:
+    async def handle(self, member: str, msg: aioredmq.Message[Any], hold_s: float = 0.03) -> None:
+        """``n`` is the ledger's number; ``i`` (default ``n``) the place in the key's order."""
         n = msg.body["n"]
-        if n and n - 1 not in self.completed:
-            self.out_of_order.append(n)
+        i = msg.body.get("i", n)
+        if i and i - 1 not in self.completed:
+            self.out_of_order.append(i)
         self.running += 1
         self.overlaps += self.running > 1
         try:
-            await anyio.sleep(0.03)
+            await anyio.sleep(hold_s)
         finally:
             self.running -= 1
-        self.completed.add(n)
+        self.completed.add(i)
         self.by_member[member] = self.by_member.get(member, 0) + 1
         self.ledger.done(n, msg.deliveries)
 
@@ -169,3 +171,92 @@ async def test_closing_the_client_closes_its_partitioned_members(redis_url: str,
     assert left_open.closed
     async with mq.partitioned("closing", partitions=4, lease_s=30.0).consume(name="other") as other:
         assert other.held_partitions == [0, 1, 2, 3], "the closed client's member left"
+
+
+class KeyWatches:
+    """One key per partition, a :class:`KeyWatch` per key, and members run by ``mq.run()``.
+    The first delivery of each key's first message is slow; its cancellation is recorded."""
+
+    def __init__(self, pq: aioredmq.PartitionedQueue[Any], what: str, slow_s: float = 20.0) -> None:
+        self.pq = pq
+        self.ledger = Ledger(what)
+        by_partition: dict[int, str] = {}
+        for n in range(1000):
+            by_partition.setdefault(pq.partition_of(f"k{n}"), f"k{n}")
+        self.keys = [by_partition[i] for i in range(len(pq.partitions))]
+        self.slow_s = slow_s
+        self.watches = {key: KeyWatch(self.ledger) for key in self.keys}
+        self.cancelled: dict[str, str] = {}  # key -> the member whose slow handler was cancelled
+
+    async def publish(self, per_key: int) -> None:
+        items = [(k, {"k": k, "i": i, "n": j * per_key + i}) for j, k in enumerate(self.keys) for i in range(per_key)]
+        await self.pq.publish_many(items)
+        self.ledger.published(range(len(items)))
+
+    def start(self, tg: anyio.abc.TaskGroup, member: str) -> None:
+        tg.start_soon(
+            lambda: self.pq.client.run(self.pq, self.handler(member), name=member, grace_s=0.3, concurrency=4)
+        )
+
+    def handler(self, member: str) -> Any:
+        async def handle(msg: aioredmq.Message[Any]) -> None:
+            key = msg.body["k"]
+            slow = msg.body["i"] == 0 and msg.deliveries == 1
+            try:
+                await self.watches[key].handle(member, msg, self.slow_s if slow else 0.01)
+            except anyio.get_cancelled_exc_class():
+                self.cancelled[key] = member
+                raise
+
+        return handle
+
+    async def drained_and_checked(self, raw: aioredis.Redis) -> None:
+        for part in self.pq.partitions:
+            await poll(self.ledger.drained(part), 30, f"{part.name} drained")
+        for key, watch in self.watches.items():
+            assert watch.overlaps == 0, f"{watch.overlaps} handling(s) of key {key} ran beside another"
+            assert not watch.out_of_order, f"{key}: started before the previous one finished: {watch.out_of_order[:5]}"
+        for part in self.pq.partitions:
+            assert (await self.ledger.check(raw, part, duplicates_explained=True)).lost == 0
+
+
+@pytest.mark.slow
+async def test_hand_over_past_grace_cancels_the_runners_handler(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    """A partition given up in a rebalance waits ``grace_s`` for its running handler, then
+    cancels it; the new holder starts the key only after the cancelled handler has ended."""
+    pq = mq.partitioned("grace", partitions=2, lease_s=1.0)
+    watches = KeyWatches(pq, "partitioned: a rebalance while a handler outlives the grace")
+    await watches.publish(per_key=10)
+    async with anyio.create_task_group() as tg:
+        watches.start(tg, "a")
+        await wait_for(lambda: all(w.running for w in watches.watches.values()), what="a runs both slow handlers")
+        watches.ledger.fault("a second member joins while a's handlers outlive the grace", timed=True, until_any=True)
+        watches.start(tg, "b")
+        await wait_for(lambda: len(watches.cancelled) == 1, what="the handed-over handler cancelled")
+        await watches.drained_and_checked(raw)
+        tg.cancel_scope.cancel()
+    (moved,) = watches.cancelled
+    assert watches.cancelled[moved] == "a"
+    assert watches.watches[moved].by_member.get("b"), "the new holder ran the handed-over key"
+
+
+@pytest.mark.slow
+async def test_a_lost_partition_taken_back_never_runs_a_key_twice(mq: aioredmq.Client, raw: aioredis.Redis) -> None:
+    """The hold keys are lost while a handler runs; another member takes the partition, then
+    leaves. The first member's handler is cancelled when it learns of the loss, and taking the
+    partition back does not start the key's next message beside it."""
+    pq = mq.partitioned("retaken", partitions=1, lease_s=1.0)
+    watches = KeyWatches(pq, "partitioned: hold keys lost during a handler, the partition taken back")
+    await watches.publish(per_key=10)
+    async with anyio.create_task_group() as tg:
+        watches.start(tg, "a")
+        await wait_for(lambda: watches.watches[watches.keys[0]].running == 1, what="a runs the slow handler")
+        k = pq.keys
+        await raw.delete(k.holders, k.holds, k.members)
+        watches.ledger.fault("holders, holds and members deleted while a handler runs", timed=True, until_any=True)
+        async with pq.consume(name="b") as intruder:
+            assert intruder.held_partitions == [0], "the intruder took the partition (and its fence)"
+        await wait_for(lambda: bool(watches.cancelled), what="a's fenced handler cancelled")
+        await watches.drained_and_checked(raw)
+        tg.cancel_scope.cancel()
+    assert watches.cancelled == {watches.keys[0]: "a"}
