@@ -509,26 +509,27 @@ async def test_a_million_due_messages_never_hold_back_a_lease_renewal(kind: str)
             if isinstance(source, aioredmq.Stream):
                 await source.create_group("g", "begin")
             await source.publish({"n": 0})
-            async with consume(name="a", prefetch=1) as a, consume(name="b", prefetch=1) as b:
-                held = await anext(a)  # its handler runs throughout
-                await schedule_due_now(raw, source, n)
-                lapsed = []
-                for consumer in (a, b):  # both hear of it, as a due notice would tell them
-                    consumer._due.hint(0)
-                with anyio.fail_after(60):
-                    while await raw.zcard(source.keys.delayed):
-                        if isinstance(source, aioredmq.Queue):
-                            deadline = await raw.zscore(source.keys.leases, "a")
-                            t = await raw.time()
-                            if deadline is None or deadline < t[0] * 1000 + t[1] // 1000:
-                                lapsed.append(deadline)
-                        await anyio.sleep(0.05)
-                await held.ack()
-                await anyio.sleep(0.3)
-                assert not lapsed, f"consumer a's lease lapsed while it was alive: {lapsed[:3]}"
-                assert b.stats.reaped_consumers == 0
-                assert b.stats.claimed == 0
-                assert a.stats.late_settles == 0
+            async with consume(name="a", prefetch=1) as a:
+                held = await anext(a)  # its handler runs throughout; b opens once a has it
+                async with consume(name="b", prefetch=1) as b:
+                    await schedule_due_now(raw, source, n)
+                    lapsed = []
+                    for consumer in (a, b):  # both hear of it, as a due notice would tell them
+                        consumer._due.hint(0)
+                    with anyio.fail_after(60):
+                        while await raw.zcard(source.keys.delayed):
+                            if isinstance(source, aioredmq.Queue):
+                                deadline = await raw.zscore(source.keys.leases, "a")
+                                t = await raw.time()
+                                if deadline is None or deadline < t[0] * 1000 + t[1] // 1000:
+                                    lapsed.append(deadline)
+                            await anyio.sleep(0.05)
+                    await held.ack()
+                    await anyio.sleep(0.3)
+                    assert not lapsed, f"consumer a's lease lapsed while it was alive: {lapsed[:3]}"
+                    assert b.stats.reaped_consumers == 0
+                    assert b.stats.claimed == 0
+                    assert a.stats.late_settles == 0
     from .ledger import report
 
     report(
