@@ -253,17 +253,23 @@ class BaseConsumer(Generic[T]):
     def closed(self) -> bool:
         return self._state == 2
 
-    async def aclose(self) -> None:
-        """Stop fetching, give back what is unfinished, flush settles, deregister."""
+    async def aclose(self, *, deadline: float | None = None) -> None:
+        """Stop fetching, give back what is unfinished, flush settles, deregister.
+
+        All of it within ``close_timeout_s`` (or by ``deadline``, an ``anyio.current_time()``
+        value, if sooner): what is not settled by then stays in Redis with this consumer and
+        is recovered once its lease expires."""
         if self._state != 1:
             self._state = 2
             return
         self._state = 2
+        own = anyio.current_time() + self.close_timeout_s
+        deadline = own if deadline is None else min(own, deadline)
         with anyio.CancelScope(shield=True):
             if self._fetch_task is not None:
                 await cancel_and_wait(self._fetch_task)
             try:
-                with anyio.move_on_after(self.close_timeout_s):
+                with anyio.CancelScope(deadline=deadline):
                     await self._return_strays()
             except AioredmqError as exc:
                 log.warning("consumer %s: could not look for strays on close: %s", self.name, exc)
@@ -281,7 +287,7 @@ class BaseConsumer(Generic[T]):
                     self._release(ref, held.raw, held.deliveries, "delivery did not finish (consumer closed)")
             clean = False
             try:
-                with anyio.move_on_after(self.close_timeout_s):
+                with anyio.CancelScope(deadline=deadline):
                     await self._settled_all.wait()
                     await self._close_in_redis()
                     clean = True

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
@@ -490,35 +491,46 @@ class PartitionedConsumer(Generic[T]):
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Stop, give back what is unfinished in every partition, release them, leave."""
+    async def aclose(self, *, deadline: float | None = None) -> None:
+        """Stop, give back what is unfinished in every partition, release them, leave;
+        within ``close_timeout_s`` (or by ``deadline``, if sooner), past which what is left
+        is recovered once the leases expire."""
         if self._state != 1:
             self._state = 2
             return
         self._state = 2
         self._wake.set()
         self.client.members.discard(self)
+        own = anyio.current_time() + self.close_timeout_s
+        deadline = own if deadline is None else min(own, deadline)
         with anyio.CancelScope(shield=True):
             await self._tasks.aclose()
-            await self._close_subs(list(self._subs))
+            await self._close_subs(list(self._subs), deadline=deadline)
+            left = False
             try:
-                await self._call_balance(leave=True)
+                with anyio.CancelScope(deadline=deadline):
+                    await self._call_balance(leave=True)
+                    left = True
             except AioredmqError as exc:
                 log.warning("member %s of %s did not leave cleanly (%s); its leases expire", self.name, self.label, exc)
+            else:
+                if not left:
+                    log.warning("member %s of %s could not leave in time; its leases expire", self.name, self.label)
 
-    async def _close_subs(self, indexes: list[int], *, cancel: bool = False) -> None:
-        """Close the consumers of ``indexes``; with ``cancel``, cancel their handlers first
-        (the partition is someone else's). A key whose handler still runs stays blocked
-        here until it ends, whoever holds the partition next in this member."""
-        for index in indexes:
-            sub = self._subs.pop(index, None)
-            if sub is None:
-                continue
-            if cancel:
-                self._cancel_handlers(sub)
-            sub.give_back_parked()
-            await sub.aclose()
-            for key in [k for k, m in self._busy.items() if k[0] == index and m not in self._handlers]:
+    async def _close_subs(self, indexes: list[int], *, cancel: bool = False, deadline: float | None = None) -> None:
+        """Close the consumers of ``indexes`` (together, by ``deadline``); with ``cancel``,
+        cancel their handlers first (the partition is someone else's). A key whose handler
+        still runs stays blocked here until it ends, whoever holds the partition next in
+        this member."""
+        subs = [sub for sub in (self._subs.pop(index, None) for index in indexes) if sub is not None]
+        async with anyio.create_task_group() as tg:
+            for sub in subs:
+                if cancel:
+                    self._cancel_handlers(sub)
+                sub.give_back_parked()
+                tg.start_soon(partial(sub.aclose, deadline=deadline))
+        for sub in subs:
+            for key in [k for k, m in self._busy.items() if k[0] == sub.index and m not in self._handlers]:
                 del self._busy[key]
 
     def _cancel_handlers(self, sub: _PartitionConsumer[T]) -> int:

@@ -606,6 +606,59 @@ async def test_a_key_of_another_type_fails_the_whole_settle_and_loses_nothing(
     assert (await queue.stats()).delayed == 1
 
 
+async def test_closing_open_consumers_while_redis_is_silent_ends_in_time_and_loses_nothing() -> None:
+    """Each consumer's close waited its own ``close_timeout_s`` (10 s) twice, one consumer
+    after another: minutes for a handful of consumers. Now they close together, by the
+    client's deadline; what they could not give back is recovered once their leases expire."""
+    import signal
+    import time
+
+    with RedisServer() as server:
+        mq = aioredmq.connect(server.url, socket_timeout_s=0.5, close_timeout_s=1.0)
+        await mq.__aenter__()
+        queue = mq.queue("h-closing", lease_s=1.5)
+        stream = mq.stream("h-closing-s", lease_s=1.5)
+        pq = mq.partitioned("h-closing-p", partitions=2, lease_s=1.5)
+        opened = [queue.consume(prefetch=5), queue.consume(prefetch=5), stream.consume("g", start="0"), pq.consume()]
+        await queue.publish_many([{"n": n} for n in range(20)])
+        await stream.publish_many([{"n": n} for n in range(20)])
+        await pq.publish_many([(f"k{n % 4}", {"n": n}) for n in range(20)])
+        for consumer in opened:
+            await consumer.__aenter__()
+        handed = [await c.__anext__() for c in opened]  # one handler each, still running
+        await wait_for(lambda: all(c.held for c in opened[:3]), what="every consumer holds messages")
+        server.kill(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            await mq.aclose()
+            took = time.monotonic() - began
+        finally:
+            server.kill(signal.SIGCONT)
+        assert took < 1.0 + 1.0, f"closing {len(opened)} consumers took {took:.1f} s with close_timeout_s=1"
+        assert all(c.closed for c in opened)
+        assert all(m._settled for m in handed), "close settled every running delivery (given back)"
+        async with aioredmq.connect(server.url) as again:
+            seen: dict[str, set[int]] = {"queue": set(), "stream": set(), "partitioned": set()}
+            sources: list[tuple[str, Any]] = [
+                ("queue", again.queue("h-closing", lease_s=1.5).consume()),
+                ("stream", again.stream("h-closing-s", lease_s=1.5).consume("g")),
+                ("partitioned", again.partitioned("h-closing-p", partitions=2, lease_s=1.5).consume()),
+            ]
+            async with anyio.create_task_group() as tg:
+                for label, consumer in sources:
+
+                    async def drain(label: str = label, consumer: Any = consumer) -> None:
+                        async with consumer:
+                            async for msg in consumer:
+                                seen[label].add(msg.body["n"])
+                                await msg.ack()
+
+                    tg.start_soon(drain)
+                await wait_for(lambda: all(len(v) == 20 for v in seen.values()), timeout_s=30, what="all recovered")
+                tg.cancel_scope.cancel()
+        assert all(v == set(range(20)) for v in seen.values()), seen
+
+
 async def test_closing_while_redis_is_silent_ends_in_time_and_names_what_it_gave_up() -> None:
     """Each buffered batch got up to 18 shielded tries of a full socket timeout: with Redis
     silent, closing took 24 s for two batches at a 0.5 s timeout, minutes at the defaults."""
