@@ -167,6 +167,9 @@ class BaseConsumer(Generic[T]):
         # While a listing of what Redis says we hold is on its way: refs that settles removed
         # meanwhile. The listing may predate their removal, so they must not be taken for orphans.
         self._settled_while_listing: set[bytes] | None = None
+        # Held messages whose handler runs on though another consumer recovered them
+        # (warned of once; pruned to what is still held by whoever looks at it).
+        self._lost_refs: set[bytes] = set()
         self._timer_wake = asyncio.Event()
         # Set by subclasses: when to move due delayed messages, and where to; where
         # processed-id markers live (see idempotency.py).
@@ -412,6 +415,33 @@ class BaseConsumer(Generic[T]):
             self._metrics.dead_lettered(self.label)
         log.warning("consumer %s: undecodable message dead-lettered: %s", self.name, exc)
         self._enqueue(ref, b"X", encode_dead(raw, f"undecodable: {exc}", now_ms()), 0)
+
+    def _lost(self, ref: bytes) -> bool:
+        """Another consumer recovered a message we hold (we froze past the lease), or it
+        was trimmed. Not handed out yet: drop it (return True), whoever recovered it
+        handles it. Handed out: its handler finishes beside the redelivery, and its settle
+        counts as late."""
+        msg = self._held.get(ref)
+        if msg is None or msg._settled:
+            return False
+        if not msg._started:
+            msg._settled = True
+            self._ready.remove(msg)
+            del self._held[ref]
+            self._room.set()
+            return True
+        if ref not in self._lost_refs:
+            self._lost_refs.add(ref)
+            log.warning("consumer %s: lease of message %s was lost to another consumer", self.name, msg.id)
+        return False
+
+    def _log_dropped(self, dropped: int) -> None:
+        if dropped:
+            log.warning(
+                "consumer %s: its lease lapsed; %d message(s) it had not handed out were recovered elsewhere",
+                self.name,
+                dropped,
+            )
 
     def _deliver(self, msgs: list[Message[T]], fetched: int) -> None:
         self._ready.extend(msgs)

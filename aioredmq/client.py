@@ -25,7 +25,7 @@ import anyio
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .codecs import Codec
@@ -72,6 +72,10 @@ class _HiredisPacking:
             args = (*args[0].split(), *args[1:])
         assert _pack_command is not None  # _fast() uses this class only when hiredis is there
         return [_pack_command(args)]
+
+
+# Connections of the control pool (see Client.control): its commands are short scripts.
+_CONTROL_CONNECTIONS = 4
 
 
 def _fast(connection_class: type[Any]) -> type[Any]:
@@ -151,6 +155,7 @@ class Client:
         self._due_watcher: DueWatcher | None = None
         self._due_lock = anyio.Lock()
         self._dedicated: set[AnyRedis] = set()
+        self._control: AnyRedis | None = None
         self._also_close: list[Redis] = []  # the sentinels' clients, with a Sentinel master
 
     # -- lifecycle -------------------------------------------------------------------
@@ -262,6 +267,30 @@ class Client:
     def cluster(self) -> bool:
         """Whether this client talks to a Redis Cluster."""
         return isinstance(self.redis, RedisCluster)
+
+    @property
+    def control(self) -> AnyRedis:
+        """What heartbeats, reaps and partition balances use: a few connections of their
+        own, so that handlers' traffic on the shared pool (which makes callers wait once
+        it is exhausted) never delays a lease renewal. A cluster client's node pools and a
+        Sentinel pool are shared as they are (they open connections as needed)."""
+        if self._control is None:
+            pool = self.redis.connection_pool if isinstance(self.redis, Redis) else None
+            if pool is None or isinstance(pool, SentinelConnectionPool):
+                self._control = self.redis
+            else:
+                self.check_open()
+                control = Redis(
+                    connection_pool=BlockingConnectionPool(
+                        connection_class=_fast(pool.connection_class),
+                        max_connections=_CONTROL_CONNECTIONS,
+                        timeout=None,
+                        **pool.connection_kwargs,
+                    )
+                )
+                self._dedicated.add(control)
+                self._control = control
+        return self._control
 
     def dedicated(self, socket_timeout_s: float) -> AnyRedis:
         """A single-connection client with the same settings, for blocking reads.

@@ -71,6 +71,7 @@ class Consumer(BaseConsumer[T]):
         # one is handled, instead of fetch, handle and settle taking turns.
         self._take_max = max(1, prefetch // 2)
         self._look_for_orphans = False
+        self._check_held = False  # the lease lapsed: look for held messages reaped meanwhile
         # A partition's consumer: the fence key and its token, passed to take and heartbeat
         # (settle gets them through _settle_keys and _settle_head).
         self._fence: tuple[tuple[str, ...], tuple[bytes, ...]] = ((), ())
@@ -241,8 +242,8 @@ class Consumer(BaseConsumer[T]):
         keys = self.queue.keys
         asked_at = time.monotonic()
         fence_keys, token = self._fence
-        next_ms, in_flight, *expired = await script("heartbeat")(
-            self.client.redis,
+        next_ms, in_flight, lapsed, *expired = await script("heartbeat")(
+            self.client.control,
             (keys.leases, keys.delayed, self._inflight, keys.registry, *fence_keys),
             (self.name, self._lease_ms, _REAP_BATCH, *token),
         )
@@ -250,11 +251,25 @@ class Consumer(BaseConsumer[T]):
             self._fenced()
             return []
         self._due.learned(next_ms, asked_at)
+        if lapsed and self._held and self._state == 1:
+            # Our lease lapsed (a stall, a lost entry): a reap may have given what we hold
+            # to others. What we have not handed out yet is no longer ours to hand out.
+            self._check_held = True
         if in_flight > len(self._held):
             # More in our list than we know of: a move whose reply never came (or a take in
             # flight right now). The fetch loop looks, between its own commands.
             self._look_for_orphans = True
         return list(expired)
+
+    async def _drop_reaped(self) -> None:
+        """After our lease lapsed: drop what we hold that our in-flight list no longer has
+        (a reap returned it to ready; whoever takes it next handles it)."""
+        listed, settled = await self._listing(self._list_inflight())
+        self._check_held = False
+        present = set(listed)
+        self._lost_refs.intersection_update(self._held)
+        gone = [ref for ref in self._held if ref not in present and ref not in settled]
+        self._log_dropped(sum(self._lost(ref) for ref in gone))
 
     def _fenced(self) -> None:
         """Another member holds this partition now (only a partition's consumer has a token)."""
@@ -271,7 +286,7 @@ class Consumer(BaseConsumer[T]):
             if member == me:
                 continue
             requeued, dead = await script("reap")(
-                self.queue.client.redis,
+                self.client.control,
                 (keys.leases, keys.inflight_of(member), keys.ready, keys.dead, keys.registry),
                 (member, self.queue.retry.max_deliveries, self._lease_ms, int(force)),
             )
@@ -296,6 +311,8 @@ class Consumer(BaseConsumer[T]):
                 if now >= next_beat:
                     next_beat = now + interval
                     await self._reap_expired(await self._tick())
+                    if self._check_held:
+                        await self._drop_reaped()
                 if self._due.is_due():
                     await self._due.promote()
             except TRANSIENT as exc:

@@ -564,7 +564,7 @@ class PartitionedConsumer(Generic[T]):
         k = self.pq.keys
         giving_up = sorted(self._giving_up)
         fair, live, *mine = await script("partition_balance")(
-            self.client.redis,
+            self.client.control,
             (k.members, k.holders, k.holds),
             (self.name, self._lease_ms, len(self.pq.partitions), int(leave), *giving_up),
         )

@@ -130,6 +130,9 @@ class StreamConsumer(BaseConsumer[T]):
 
     async def _open(self) -> None:
         await self.stream.create_group(self.group, self._start)
+        # Renewals go through the control pool: connect it now, while Redis is idle, not at
+        # the first renewal, where a handshake waiting behind a busy Redis can cost a lease.
+        await self.client.control.ping()
 
     async def _recreate_group(self, exc: AioredmqError) -> None:
         """The group is gone (Redis restarted without persistence, the stream was deleted or
@@ -387,32 +390,29 @@ class StreamConsumer(BaseConsumer[T]):
         args: list[Any] = [*self._settle_head, 0]
         for quad in quads:
             args += quad
-        lost: list[int] = await self._settle_script(self.client.redis, self._settle_keys, args)
+        lost: list[int] = await self._settle_script(self.client.control, self._settle_keys, args)
         return lost
 
     async def _renew(self) -> None:
         """Restart the idle clock of every entry held: a live consumer is never robbed."""
-        refs = [ref for ref, msg in self._held.items() if msg is not None and not msg._settled]
+        lost = self._lost_refs
+        if lost:
+            lost.intersection_update(self._held)  # no longer ours: not renewed again
+        refs = [ref for ref, msg in self._held.items() if msg is not None and not msg._settled and ref not in lost]
         refs += list(self._parked)
+        dropped = 0
         for i in range(0, len(refs), _LIST_PAGE):
             chunk = refs[i : i + _LIST_PAGE]
             for position in await self._settle_now([(ref, b"R", b"0", -1) for ref in chunk]):
-                self._lost(chunk[position - 1])
+                dropped += self._lost(chunk[position - 1])
+        self._log_dropped(dropped)
 
-    def _lost(self, ref: bytes) -> None:
+    def _lost(self, ref: bytes) -> bool:
         """Another consumer recovered an entry we hold (we froze past the lease), or it was trimmed."""
         if self._parked.pop(ref, None) is not None:
             log.warning("consumer %s: a parked retry was recovered by another consumer", self.name)
-            return
-        msg = self._held.get(ref)
-        if msg is None or msg._settled:
-            return
-        if not msg._started:
-            msg._settled = True  # not handled yet: the consumer that recovered it will
-            self._ready.remove(msg)
-            del self._held[ref]
-            self._room.set()
-        log.warning("consumer %s: lease of message %s was lost to another consumer", self.name, msg.id)
+            return False
+        return super()._lost(ref)
 
     async def _deliver_due(self) -> None:
         now = time.monotonic()

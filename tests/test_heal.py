@@ -390,6 +390,40 @@ async def test_more_handlers_than_pooled_connections_wait_for_one_and_fail_nothi
             assert (await queue.stats()).dead == 0
 
 
+async def test_handlers_holding_every_pooled_connection_never_delay_a_lease_renewal() -> None:
+    """Heartbeats shared the pool with the handlers: with both connections of a pool of 2
+    held by handlers' slow commands and 30 more handlers waiting for one, a renewal waited
+    behind them all, and the lease of a live consumer lapsed (another would reap it)."""
+    with RedisServer() as server:
+        async with aioredmq.connect(server.url, max_connections=2) as mq, aioredis.Redis.from_url(server.url) as raw:
+            queue = mq.queue("h-starve", lease_s=0.9)
+            await queue.publish_many([{"n": n} for n in range(200)])
+            checks: list[bool] = []
+
+            async def handler(msg: aioredmq.Message[Any]) -> None:
+                await mq.redis.blpop(["h-starve-nothing"], timeout=0.5)  # holds a connection 0.5 s
+
+            async def watch_lease() -> None:
+                while True:
+                    score = await raw.zscore(queue.keys.leases, "worker")
+                    s, us = await raw.time()
+                    checks.append(score is not None and score >= s * 1000 + us // 1000)
+                    await anyio.sleep(0.05)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: mq.run(queue, handler, concurrency=32, name="worker", grace_s=0.2))
+
+                async def leased() -> bool:
+                    return await raw.zscore(queue.keys.leases, "worker") is not None
+
+                await poll(leased, 5, "the consumer open")
+                tg.start_soon(watch_lease)
+                await anyio.sleep(3.0)
+                tg.cancel_scope.cancel()
+            assert len(checks) > 20
+            assert all(checks), f"the live consumer's lease lapsed in {checks.count(False)} of {len(checks)} looks"
+
+
 async def test_apply_refuses_a_command_too_large_for_one_call_before_anything_runs(
     mq: aioredmq.Client, raw: aioredis.Redis
 ) -> None:

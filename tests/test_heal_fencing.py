@@ -90,6 +90,34 @@ async def test_late_move_after_a_forced_reap_is_still_recovered(mq: aioredmq.Cli
     assert result.lost == 0
 
 
+async def test_a_reaped_list_consumer_drops_what_it_had_not_handed_out(
+    mq: aioredmq.Client, raw: aioredis.Redis
+) -> None:
+    """A live consumer whose lease lapsed (a stall) and was reaped learns so from its next
+    heartbeat: what it had fetched but not handed out is dropped, not run a second time."""
+    queue = mq.queue("reaped-alive", lease_s=1.5)
+    ledger = Ledger("a live list consumer reaped after its lease lapsed")
+    await queue.publish_many([{"n": n} for n in range(20)])
+    ledger.published(range(20))
+    async with queue.consume(prefetch=20, name="stalled") as stalled:
+        await wait_for(lambda: stalled.held == 20, what="the consumer holds all 20")
+        first = await stalled.__anext__()  # handed out: its handler runs through the stall
+        async with queue.consume(prefetch=50, name="survivor") as survivor:
+            # As a stall past the lease leaves it: the lease lapsed, a reap took all 20 back.
+            while True:
+                await raw.zadd(queue.keys.leases, {"stalled": 1})
+                if await survivor._reap_expired([b"stalled"]) == 0:
+                    break
+            ledger.fault("a live consumer's lease lapsed and it was reaped", timed=True, until_any=True)
+            await wait_for(lambda: stalled.held == 1, what="the reaped consumer dropped the 19 it had not handed out")
+            async with first.process():
+                ledger.done(first.body["n"], first.deliveries)  # late: it was recovered meanwhile
+            await drain_into(ledger, survivor, queue, timeout_s=10)
+    result = await ledger.check(raw, queue, duplicates_explained=True)
+    assert result.lost == 0
+    assert result.duplicated == 1, "only the message already handed out ran twice"
+
+
 class KeyWatch:
     """Handlings of one key's messages across members: overlaps and starts out of order."""
 

@@ -65,11 +65,15 @@ async def test_heartbeat_renews_tells_the_next_due_time_and_names_expired_consum
     await raw.zadd(K.leases, {"expired": 1, "alive": 2**50})
     await raw.lpush(K.inflight("me"), b"one", b"two")
     keys = (K.leases, K.delayed, K.inflight("me"), K.registry)
-    next_ms, in_flight, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16))
+    next_ms, in_flight, lapsed, *expired = await script("heartbeat")(raw, keys, ("me", 5000, 16))
     assert in_flight == 2
     assert next_ms > 10**9
+    assert lapsed == 1, "no lease entry before the first beat"
     assert expired == [b"expired"]
     assert await raw.zscore(K.leases, "me") is not None
+    assert (await script("heartbeat")(raw, keys, ("me", 5000, 16)))[2] == 0, "renewed in time"
+    await raw.zadd(K.leases, {"me": 1})
+    assert (await script("heartbeat")(raw, keys, ("me", 5000, 16)))[2] == 1, "renewed after it lapsed"
     assert await raw.zcard(K.delayed) == 1, "a heartbeat moves nothing"
 
 

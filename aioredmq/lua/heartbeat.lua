@@ -9,12 +9,14 @@
 -- ARGV[2] lease length, in ms
 -- ARGV[3] how many expired consumers to return at most
 -- ARGV[4] (with KEYS[5]) this holder's fencing token; when it is not the current one,
---   nothing is written (the lease is not renewed) and the reply is {-1, -1}
+--   nothing is written (the lease is not renewed) and the reply is {-1, -1, 0}
 -- Returns {ms until the next delayed message is due or -1, length of the in-flight list,
--- expired consumer names...}. Expired: a lease that passed, or a registered consumer silent
+-- 1 if this consumer's lease had lapsed (or its entry was gone) before this renewal else 0,
+-- expired consumer names...}. A lapsed lease may have been reaped: what the consumer holds
+-- is then maybe someone else's. Expired: a lease that passed, or a registered consumer silent
 -- for a lease whose lease entry is gone (evicted, lost, or forgotten by a forced reap).
 if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[4] then
-  return {-1, -1}
+  return {-1, -1, 0}
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -22,6 +24,8 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- write; a consumer must renew its lease all the same (it is what drains a full Redis),
 -- so a write that cannot grow memory goes first.
 local lease = tonumber(ARGV[2])
+local was = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local lapsed = (not was or tonumber(was) < now) and 1 or 0
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
@@ -30,12 +34,12 @@ local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt > 0 then
   next_due = math.max(0, tonumber(nxt[2]) - now)
 end
-local reply = {next_due, redis.call('LLEN', KEYS[3])}
+local reply = {next_due, redis.call('LLEN', KEYS[3]), lapsed}
 local limit = tonumber(ARGV[3])
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   reply[#reply + 1] = name
 end
-local room = limit - (#reply - 2)
+local room = limit - (#reply - 3)
 if room > 0 then
   for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - lease), 'LIMIT', 0, room)) do
     if not redis.call('ZSCORE', KEYS[1], name) then

@@ -1,4 +1,5 @@
--- Move up to N of the oldest ready envelopes into one consumer's in-flight list and renew its lease.
+-- Move up to N of the oldest ready envelopes into one consumer's in-flight list and renew its
+-- lease (if it is live).
 -- KEYS[1] ready list (oldest at the right)
 -- KEYS[2] the consumer's in-flight list (oldest at the right)
 -- KEYS[3] leases sorted set
@@ -20,7 +21,12 @@ end
 local items = redis.call('RPOP', KEYS[1], ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+-- Only a live lease is renewed here. A lapsed or missing one is renewed by the heartbeat,
+-- which tells the consumer so: a reap may have returned what it held to ready.
+local lease = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if lease and tonumber(lease) >= now then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+end
 redis.call('ZADD', KEYS[4], now, ARGV[2])
 if not items then
   return {}
