@@ -327,6 +327,7 @@ class BaseConsumer(Generic[T]):
             if self._stopped or self._state != 1:
                 if self._state == 0:
                     raise ClosedError("the consumer is not open: use 'async with source.consume()'")
+                self.client.check_open()  # closed with its client: an error, not the end
                 raise StopAsyncIteration
             if ready:
                 break

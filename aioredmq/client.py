@@ -583,6 +583,20 @@ class Sentinels:
     sentinel_password: str | None = None
 
 
+def _refuse_decoding(connection_kwargs: dict[str, Any], source: str, *, ours: bool = False) -> None:
+    """aioredmq reads bytes. A URL's query reaches the connection as text, where even
+    "False" is true (redis-py's asyncio pool does not parse it): read it as a flag."""
+    value = connection_kwargs.get("decode_responses")
+    if ours and isinstance(value, str) and value.strip().upper() in ("", "0", "F", "FALSE", "N", "NO"):
+        connection_kwargs["decode_responses"] = False
+        return
+    if value:
+        raise ConfigError(
+            f"{source} asks for decode_responses=True; aioredmq needs bytes (message bodies are "
+            "binary): leave decode_responses out (or False)"
+        )
+
+
 def connect(
     url_or_client: str | AnyRedis | Sentinels,
     *,
@@ -638,18 +652,10 @@ def connect(
         client._also_close.extend(sentinel.sentinels)
         return client
     if isinstance(url_or_client, RedisCluster):
-        if url_or_client.connection_kwargs.get("decode_responses"):
-            raise ConfigError(
-                "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
-                "(message bodies are binary): pass a client made with decode_responses=False"
-            )
+        _refuse_decoding(url_or_client.connection_kwargs, "the client passed to connect()")
         return Client(url_or_client, owned=False, **common)
     if isinstance(url_or_client, Redis):
-        if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ConfigError(
-                "the client passed to connect() has decode_responses=True; aioredmq needs bytes "
-                "(message bodies are binary): pass a client made with decode_responses=False"
-            )
+        _refuse_decoding(url_or_client.connection_pool.connection_kwargs, "the client passed to connect()")
         return Client(url_or_client, owned=False, **common)
     if not isinstance(url_or_client, str):
         raise ConfigError(f"url_or_client={url_or_client!r} must be a redis:// URL or a redis.asyncio.Redis")
@@ -666,6 +672,7 @@ def connect(
             )
         except ValueError as exc:
             raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
+        _refuse_decoding(rc.connection_kwargs, "the URL", ours=True)
         return Client(rc, owned=True, **common)
     try:
         # A pool that makes a caller wait for a free connection: redis-py's plain pool
@@ -683,6 +690,7 @@ def connect(
         )
     except ValueError as exc:
         raise ConfigError(f"url_or_client={url_or_client!r} is not a valid Redis URL: {exc}") from exc
+    _refuse_decoding(pool.connection_kwargs, "the URL", ours=True)
     pool.connection_class = _fast(pool.connection_class)
     redis = Redis.from_pool(pool)
     return Client(redis, owned=True, **common)

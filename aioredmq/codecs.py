@@ -8,6 +8,7 @@ by default: unpickling a message from Redis runs code chosen by whoever wrote it
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Protocol, runtime_checkable
@@ -33,7 +34,8 @@ class JsonCodec:
 
     def __init__(self) -> None:
         self._loads = json.JSONDecoder().decode
-        encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+        # allow_nan=False: NaN and Infinity are not JSON, and other languages' parsers refuse them.
+        encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         self._dumps: Callable[[Any], str] = encoder.encode
         if c_make_encoder is not None:
             # JSONEncoder.encode builds a C encoder on every call; building it once makes
@@ -47,7 +49,7 @@ class JsonCodec:
                 encoder.item_separator,
                 False,
                 False,
-                True,
+                False,
             )
             self._dumps = lambda body: "".join(c_encode(body, 0))
 
@@ -55,6 +57,9 @@ class JsonCodec:
         try:
             return self._dumps(body).encode()
         except (TypeError, ValueError, OverflowError) as exc:
+            where = _non_finite(body, "body")
+            if where is not None:
+                raise TypeError(f"body is not valid JSON: {where}, and JSON has no NaN or Infinity") from exc
             raise TypeError(f"body is not JSON-serialisable: {exc}") from exc
         except RecursionError as exc:  # the cached encoder does not track cycles
             raise TypeError("body is not JSON-serialisable: it is circular or nested too deeply") from exc
@@ -65,6 +70,23 @@ class JsonCodec:
             return self._loads(data.decode())
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from exc
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """Where in ``value`` a NaN or an infinity is (``body["lines"][1]["price"]``), if anywhere."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}"
+    if isinstance(value, dict):
+        items: Any = ((f"{path}[{k!r}]".replace("'", '"'), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _non_finite(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 class RawCodec:

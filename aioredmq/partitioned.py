@@ -47,7 +47,7 @@ from .envelope import with_attempts
 from .errors import AioredmqError, ClosedError, ConfigError, permanent
 from .keys import PartitionKeys, check_name
 from .message import Message
-from .producer import replica_wait
+from .producer import refuse_one_body, replica_wait
 from .queue import Queue, QueueStats
 from .scripts import script
 from .tasks import Tasks
@@ -162,6 +162,8 @@ class PartitionedQueue(Generic[T]):
         """Append ``(key, body)`` pairs; each key's messages keep their order. Returns the ids
         in the order given. Partitions are written concurrently: if an error is raised,
         some keys' messages may have been published. ``replicas``: as for :meth:`Queue.publish`."""
+        self.client.check_open()
+        refuse_one_body(items)
         by_key: dict[str, list[int]] = {}
         pairs = list(items)
         for i, (key, _) in enumerate(pairs):
@@ -229,6 +231,7 @@ class PartitionedQueue(Generic[T]):
     @resent_once
     async def stats(self) -> PartitionedStats:
         """Each partition's counts, who holds which, and the members' remaining leases."""
+        self.client.check_open()
         k = self.keys
         parts = [await p.stats() for p in self.partitions]
         holders, members, (now_s, now_us) = await pipeline(
@@ -702,6 +705,7 @@ class PartitionedConsumer(Generic[T]):
             raise ClosedError("the consumer is not open: use 'async with pq.consume()'")
         while True:
             if self._stopped or self._state == 2:
+                self.client.check_open()  # closed with its client: an error, not the end
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error

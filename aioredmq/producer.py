@@ -282,6 +282,16 @@ def check_encoded(
     return ids, raws
 
 
+def refuse_one_body(bodies: object) -> None:
+    """``publish_many`` takes many bodies: a str, bytes or mapping would iterate into its
+    characters, bytes or keys, which is never what the caller meant."""
+    if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)):
+        raise TypeError(
+            f"publish_many takes an iterable of bodies, not one {type(bodies).__name__}: "
+            "use publish() for a single body, or put it in a list"
+        )
+
+
 def replica_wait(replicas: int, timeout_s: float) -> Wait | None:
     """What a publish waits for beyond Redis itself: ``replicas`` acknowledgements."""
     check_positive("replicas", replicas, integer=True, zero=True)
@@ -430,6 +440,7 @@ class Publishing(Generic[T]):
         every message, as for :meth:`publish`, and so do ``replicas`` / ``replica_timeout_s``.
         """
         self.client.check_open()
+        refuse_one_body(bodies)
         wait = replica_wait(replicas, replica_timeout_s)
         if self.client.tracing is not None:
             bodies = list(bodies)

@@ -103,6 +103,7 @@ class Queue(Publishing[T]):
     @resent_once
     async def stats(self) -> QueueStats:
         """Counts of ready, in-flight, waiting-to-retry and dead messages, and the consumers."""
+        self.client.check_open()
         redis = self.client.redis
         k = self.keys
         keys = (k.ready, k.leases, k.delayed, k.dead, k.registry)
@@ -137,6 +138,7 @@ class Queue(Publishing[T]):
     async def peek(self, count: int = 10) -> list[bytes]:
         """The next ``count`` ready envelopes, next in line first, without taking them
         (:func:`aioredmq.envelope.decode` reads one; a foreign writer's bytes may not decode)."""
+        self.client.check_open()
         check_positive("count", count, integer=True)
         items: list[bytes] = await execute(
             self.client.redis, "LRANGE", self.keys.ready, -count, -1, keys=(self.keys.ready,)
@@ -148,13 +150,16 @@ class Queue(Publishing[T]):
     @resent_once
     async def dead_letters(self, limit: int = 100) -> list[DeadRecord]:
         """The oldest ``limit`` dead-letter records, oldest first."""
+        self.client.check_open()
         return await self._dead.list(limit)
 
     async def requeue_dead(self, ids: Iterable[str] | None = None, *, limit: int | None = None) -> int:
         """Move dead letters (all, or those with these ids) back to ready with a fresh
         delivery count, oldest first. Records whose bytes never decoded stay. Returns how many moved."""
+        self.client.check_open()
         return await self._dead.move(ids, limit, requeue=True)
 
     async def purge_dead(self, ids: Iterable[str] | None = None) -> int:
         """Delete dead letters (all, or those with these ids). Returns how many were deleted."""
+        self.client.check_open()
         return await self._dead.purge(ids)

@@ -10,6 +10,8 @@ never started. Cancellation always propagates to the caller.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -58,6 +60,7 @@ async def run(
     ``grace_s`` is also how long a partition handed over to another member waits for its
     running handlers before cancelling them.
     """
+    check_handler(handler)
     check_positive("concurrency", concurrency, integer=True)
     check_positive("grace_s", grace_s, zero=True)
     if handler_timeout_s is not None:
@@ -93,6 +96,25 @@ async def run(
             if len(errors) == 1:
                 raise next(iter(errors.values())) from None
             raise
+
+
+def check_handler(handler: object) -> None:
+    """Refuse, before anything is taken, a handler that is not an async function: a plain
+    ``def`` would run its side effects on every delivery and fail each one (its result
+    cannot be awaited), and a non-callable would dead-letter every message."""
+    target = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not callable(target):
+        raise TypeError(f"the handler must be an async function taking a Message, not {type(handler).__name__}")
+    if inspect.iscoroutinefunction(target):
+        return
+    if not inspect.isroutine(target) and inspect.iscoroutinefunction(type(target).__call__):
+        return  # an object with an `async def __call__`
+    raise TypeError(
+        f"the handler {getattr(target, '__qualname__', repr(target))} is not an async function: "
+        "define it with `async def` (to run blocking code, await anyio.to_thread.run_sync in it)"
+    )
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -205,6 +205,7 @@ class Stream(Publishing[T]):
 
     async def trim(self) -> int:
         """Trim now, as a publish does; return how many un-acked entries a cap dropped."""
+        self.client.check_open()
         k = self.keys
         _, dropped = await script("xpublish")(
             self.client.redis, (k.stream, k.producer("trim"), k.dropped), (0, 0, *self._trim_args)
@@ -216,6 +217,7 @@ class Stream(Publishing[T]):
     @resent_once
     async def stats(self) -> StreamStats:
         """Length, per-group pending, lag and dead letters, and each consumer's idle time."""
+        self.client.check_open()
         redis, k = self.client.redis, self.keys
         exists, length, dropped, delayed = await pipeline(
             redis,
@@ -250,6 +252,7 @@ class Stream(Publishing[T]):
     async def peek(self, group: str | None = None, count: int = 10) -> list[tuple[str, bytes]]:
         """Up to ``count`` entries as (entry id, envelope), oldest first, without reading
         them for any group: those ``group`` has not been given yet, or from the start."""
+        self.client.check_open()
         check_positive("count", count, integer=True)
         redis, key = self.client.redis, self.keys.stream
         start = "-"
@@ -268,6 +271,7 @@ class Stream(Publishing[T]):
     # -- dead letters (per group) ----------------------------------------------------
 
     def _dead(self, group: str) -> DeadLetters:
+        self.client.check_open()
         check_name("group", group)
 
         def requeued(_: bytes, env: Envelope) -> bytes:

@@ -3,7 +3,8 @@ and validates what it reads, so ``msg.body`` is a ``Model`` for mypy and at run 
 
 A dataclass, a pydantic model or a msgspec Struct; the wire format is the codec's own
 (JSON by default), so typed and untyped clients of the same queue interoperate. A body
-that does not validate is undecodable: it goes to dead-letter with the validation error.
+that does not validate is refused at publish (TypeError), and one that arrives anyway
+(a foreign writer) is undecodable: it goes to dead-letter with the validation error.
 Dataclasses are validated field by field with msgspec or pydantic when one is
 installed, and otherwise only by their constructor (missing or unknown fields).
 """
@@ -50,7 +51,13 @@ class TypedCodec(Generic[T]):
     def encode(self, value: Any) -> bytes:
         if not isinstance(value, self.body):
             raise TypeError(f"this queue's bodies are {self.body.__name__}, not {type(value).__name__}")
-        return self.inner.encode(self._to_builtins(value))
+        plain = self._to_builtins(value)
+        try:
+            # What a consumer will do with it: a body that would not decode never leaves.
+            self._validate(plain)
+        except Exception as exc:  # each library raises its own validation error
+            raise TypeError(f"body does not match {self.body.__name__}, nothing was sent: {exc}") from exc
+        return self.inner.encode(plain)
 
     def decode(self, data: bytes) -> T:
         raw = self.inner.decode(data)
