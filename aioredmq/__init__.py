@@ -19,6 +19,7 @@ from .errors import AioredmqError as AioredmqError
 from .errors import ClosedError as ClosedError
 from .errors import ClusterError as ClusterError
 from .errors import ConfigError as ConfigError
+from .errors import ConnectError as ConnectError
 from .errors import ConnectionLostError as ConnectionLostError
 from .errors import DecodeError as DecodeError
 from .errors import MessageStateError as MessageStateError
@@ -26,6 +27,7 @@ from .errors import MessageTooLargeError as MessageTooLargeError
 from .errors import NotReplicatedError as NotReplicatedError
 from .errors import OutOfMemoryError as OutOfMemoryError
 from .errors import PublishError as PublishError
+from .errors import PublishNotSentError as PublishNotSentError
 from .errors import PublishUnconfirmedError as PublishUnconfirmedError
 from .errors import RedisError as RedisError
 from .errors import RedisTimeoutError as RedisTimeoutError
@@ -61,6 +63,7 @@ __all__ = (
     "ClusterError",
     "Codec",
     "ConfigError",
+    "ConnectError",
     "ConnectionLostError",
     "Consumer",
     "ConsumerInfo",
@@ -80,6 +83,7 @@ __all__ = (
     "PartitionedQueue",
     "PartitionedStats",
     "PublishError",
+    "PublishNotSentError",
     "PublishUnconfirmedError",
     "Queue",
     "QueueStats",

@@ -224,6 +224,7 @@ class BaseConsumer(Generic[T]):
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         client.consumers.add(self)
         try:
+            await client.check_server()
             await until_done(self._open_in_redis, f"consumer {self.name}: opening")
         except BaseException:
             self._state = 2

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from types import TracebackType
@@ -73,6 +74,9 @@ class _HiredisPacking:
         assert _pack_command is not None  # _fast() uses this class only when hiredis is there
         return [_pack_command(args)]
 
+
+# The oldest Redis whose commands the scripts use (BLMOVE, XAUTOCLAIM, RPOP with a count).
+_MIN_REDIS = (6, 2)
 
 # Connections of the control pool (see Client.control): its commands are short scripts.
 _CONTROL_CONNECTIONS = 4
@@ -156,6 +160,7 @@ class Client:
         self._due_lock = anyio.Lock()
         self._dedicated: set[AnyRedis] = set()
         self._control: AnyRedis | None = None
+        self.server_checked = False  # see check_server
         self._also_close: list[Redis] = []  # the sentinels' clients, with a Sentinel master
 
     # -- lifecycle -------------------------------------------------------------------
@@ -182,7 +187,7 @@ class Client:
             except AioredmqError as exc:
                 log.debug("not checking maxmemory-policy: %s", exc)
                 return
-            evicting = sorted({p for p in _policies(reply) if p != "noeviction"})
+            evicting = sorted({p for p in _info_values(reply, "maxmemory_policy") if p != "noeviction"})
             if evicting:
                 log.warning(
                     "Redis has maxmemory-policy %s: once full, it deletes keys, and messages with "
@@ -190,6 +195,30 @@ class Client:
                     "/".join(evicting),
                 )
             return
+
+    async def check_server(self) -> None:
+        """Refuse a Redis older than 6.2, once, at the first consumer or publish: its
+        scripts need BLMOVE, XAUTOCLAIM and RPOP with a count, which an older server rejects from inside
+        a script as an "unknown command". Asked through ``INFO server``; skipped where INFO
+        is not allowed, and asked again next time while Redis cannot be reached."""
+        if self.server_checked:
+            return
+        try:
+            with mapped():
+                reply = await self.redis.info("server")
+        except TRANSIENT:
+            return  # the caller's own command meets the outage, and retries
+        except AioredmqError as exc:
+            log.debug("not checking the Redis version: %s", exc)
+            self.server_checked = True
+            return
+        self.server_checked = True
+        for text in _info_values(reply, "redis_version"):
+            if _version(text) < _MIN_REDIS:
+                raise ConfigError(
+                    f"Redis {text} is too old: aioredmq needs Redis {'.'.join(map(str, _MIN_REDIS))} or newer "
+                    "(for BLMOVE, XAUTOCLAIM and RPOP with a count)"
+                )
 
     async def __aexit__(
         self,
@@ -518,19 +547,22 @@ def _cluster_auth(rc: RedisCluster) -> dict[str, Any]:
     return out
 
 
-def _policies(reply: Any) -> list[str]:
-    """The ``maxmemory_policy`` values in an INFO reply (a cluster client's may hold one
-    per node)."""
+def _info_values(reply: Any, field: str) -> list[str]:
+    """The values of ``field`` in an INFO reply (a cluster client's may hold one per node)."""
     if isinstance(reply, dict):
         found: list[str] = []
         for key, value in reply.items():
             name = key.decode() if isinstance(key, bytes) else key
-            if name == "maxmemory_policy":
+            if name == field:
                 found.append(value.decode() if isinstance(value, bytes) else str(value))
             else:
-                found += _policies(value)
+                found += _info_values(value, field)
         return found
     return []
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 async def _close(redis: AnyRedis) -> None:

@@ -8,6 +8,7 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     ├── ClosedError                          the client, producer or consumer is closed
     ├── RedisError                           the server or the link to it failed
     │   ├── ConnectionLostError              could not connect, or the link broke mid-command
+    │   │   └── ConnectError                 could not connect: the command was never sent
     │   ├── RedisTimeoutError                the server did not answer within the socket timeout
     │   ├── UnavailableError                 the server refused for now (LOADING, BUSY, READONLY,
     │   │   │                                UNBLOCKED, or a cluster slot moving / failing over)
@@ -18,6 +19,7 @@ errors from redis-py are translated at the boundary (:func:`translate`)::
     ├── PublishError                         a publish did not complete
     │   ├── MessageTooLargeError (ValueError)  the encoded body is over ``max_body_bytes``
     │   ├── PublishUnconfirmedError          sent, but no confirmation came back: it may exist
+    │   ├── PublishNotSentError (ConnectError)  never reached Redis: safe to publish again
     │   └── NotReplicatedError               in Redis, but too few replicas have it yet
     ├── DecodeError                          bytes that are not a valid aioredmq envelope or body
     ├── SlowSubscriberError                  a pub/sub subscriber fell too far behind and was cut off
@@ -37,12 +39,14 @@ __all__ = (
     "ClosedError",
     "ClusterError",
     "ConfigError",
+    "ConnectError",
     "ConnectionLostError",
     "DecodeError",
     "MessageStateError",
     "MessageTooLargeError",
     "OutOfMemoryError",
     "PublishError",
+    "PublishNotSentError",
     "PublishUnconfirmedError",
     "RedisError",
     "RedisTimeoutError",
@@ -74,6 +78,11 @@ class RedisError(AioredmqError):
 
 class ConnectionLostError(RedisError):
     """Could not connect, or the connection broke during a command."""
+
+
+class ConnectError(ConnectionLostError):
+    """Could not connect to Redis (refused, unreachable, or no answer within
+    ``connect_timeout_s``): the command was never sent."""
 
 
 class RedisTimeoutError(RedisError):
@@ -148,6 +157,11 @@ class PublishUnconfirmedError(PublishError):
         self.ids = ids
 
 
+class PublishNotSentError(PublishError, ConnectError):
+    """Every try to send the batch failed to connect: nothing of it reached Redis, so
+    publishing again cannot create a duplicate."""
+
+
 class NotReplicatedError(PublishError):
     """Redis has the messages, but fewer replicas than asked acknowledged them in time.
 
@@ -191,6 +205,12 @@ def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> Aior
     where = f" (keys: {', '.join(k if isinstance(k, str) else repr(k) for k in keys)})" if keys else ""
     if isinstance(exc, AioredmqError):
         return exc
+    if _while_connecting(exc):  # nothing was sent: no keys to name
+        return ConnectError(f"could not connect to Redis: {exc}")
+    if isinstance(exc, rex.InvalidResponse):
+        return ConnectionLostError(
+            f"the server does not answer in the Redis protocol (is it Redis, and is this its port?): {exc}"
+        )
     if isinstance(exc, rex.TimeoutError):
         return RedisTimeoutError(f"Redis did not answer in time{where}: {exc}")
     if isinstance(exc, rex.ConnectionError):
@@ -215,6 +235,14 @@ def translate(exc: BaseException, *, keys: tuple[str | bytes, ...] = ()) -> Aior
         said = _with_code(code, text)
         return ResponseError(f"Redis error{where}: {said}", code or None)
     return RedisError(f"Redis client error{where}: {exc!r}")
+
+
+def _while_connecting(exc: BaseException) -> bool:
+    """redis-py's errors of a connect that failed before any command went out: the socket's
+    own error ("Error 111 connecting to host:port. Connection refused.") or its timeout."""
+    if isinstance(exc, rex.TimeoutError):
+        return str(exc) == "Timeout connecting to server"
+    return isinstance(exc, rex.ConnectionError) and isinstance(exc.__cause__, OSError) and " connecting to " in str(exc)
 
 
 def _with_code(code: str, text: str) -> str:

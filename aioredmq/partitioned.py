@@ -475,6 +475,7 @@ class PartitionedConsumer(Generic[T]):
         self._state = 1
         self.client.members.add(self)
         try:
+            await self.client.check_server()
             await until_done(self._balance_once, f"member {self.name} of {self.label}: opening")
         except BaseException:
             self._state = 2

@@ -36,9 +36,11 @@ from .errors import (
     AioredmqError,
     ClosedError,
     ConfigError,
+    ConnectError,
     MessageTooLargeError,
     NotReplicatedError,
     OutOfMemoryError,
+    PublishNotSentError,
     PublishUnconfirmedError,
 )
 from .ids import new_ids, stamped_id
@@ -54,9 +56,10 @@ log = logging.getLogger("aioredmq.producer")
 
 _SEQ_TTL_MS = 24 * 3600 * 1000
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{1,64}$")
-# 3.15 s in all, longer than a failover with 1 s timeouts takes; never idle over 0.2 s, so
-# a batch resends soon after the new master takes writes (the batches behind it wait).
-_RETRY_DELAYS_S = (0.05, 0.1, *(0.2,) * 15)
+# Resends back off from 50 ms to 0.5 s, 3.25 s in all: longer than a failover with 1 s
+# timeouts takes, and never idle over 0.5 s, so a batch resends soon after the new master
+# takes writes (the batches behind it wait).
+_RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, *(0.5,) * 5)
 Wait = tuple[int, int]
 """Replicas that must acknowledge a batch, and for how long to wait for them (ms)."""
 _Group = tuple[list[bytes], "asyncio.Future[None]", Wait | None]
@@ -103,6 +106,7 @@ class Producer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._outage_since: float | None = None  # when sends began to fail (logged once)
         self._loop: asyncio.AbstractEventLoop | None = None  # set when the flusher starts
 
     async def send(self, envelopes: list[bytes], wait: Wait | None = None) -> None:
@@ -198,7 +202,10 @@ class Producer:
     async def _send_batch(self, envs: list[bytes], wait: Wait | None = None) -> None:
         self._seq += 1
         args = (self._seq, _SEQ_TTL_MS, *self._extra_args, *envs)
+        if not self._client.server_checked:
+            await self._client.check_server()
         replicated = 0
+        maybe_sent = False  # a try that failed after connecting may have been applied
         for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
             try:
                 if wait is None:
@@ -212,21 +219,33 @@ class Producer:
                     f"{len(envs)} message(s) to {self._name!r} were refused, nothing was queued: {exc}"
                 ) from exc
             except TRANSIENT as exc:
+                maybe_sent = maybe_sent or not isinstance(exc, ConnectError)
                 if delay is None:
+                    if not maybe_sent:
+                        raise PublishNotSentError(
+                            f"{len(envs)} message(s) to {self._name!r} were not sent: {attempt + 1} tries "
+                            f"over {sum(_RETRY_DELAYS_S):.0f} s could not connect; publishing again "
+                            f"cannot duplicate them ({exc})"
+                        ) from exc
                     raise PublishUnconfirmedError(
                         f"{len(envs)} message(s) to {self._name!r} were sent but not "
                         f"confirmed after {attempt + 1} tries; they may or may not be queued "
                         f"(consumers deduplicate by message id): {exc}"
                     ) from exc
-                log.warning(
-                    "publish to %s unconfirmed (%s); resending batch %d in %.2fs",
-                    self._name,
-                    exc,
-                    self._seq,
-                    delay,
-                )
+                if self._outage_since is None:  # once per outage, not once per try
+                    self._outage_since = time.monotonic()
+                    log.warning("publish to %s failed (%s); resending with backoff", self._name, exc)
+                else:
+                    log.debug("publish to %s: resending batch %d in %.2fs (%s)", self._name, self._seq, delay, exc)
                 await anyio.sleep(delay)
                 continue
+            if self._outage_since is not None:
+                log.info(
+                    "publish to %s works again, after %.1f s of failures",
+                    self._name,
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
             applied, dropped = (reply, 0) if isinstance(reply, int) else reply
             if applied == -1:
                 log.info("batch %d to %s was already applied; retry dropped", self._seq, self._name)

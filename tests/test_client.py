@@ -143,13 +143,13 @@ async def test_oversize_message_is_refused_before_anything_is_sent(mq: aioredmq.
 
 
 async def test_unreachable_server_fails_a_publish_and_makes_a_consumer_wait() -> None:
-    """A publish says soon that it could not be confirmed; opening a consumer waits for
-    Redis (as a worker under a service manager should), until cancelled."""
+    """A publish says soon that it was not sent (no try reached Redis); opening a consumer
+    waits for Redis (as a worker under a service manager should), until cancelled."""
     from aioredmq.testing import free_port
 
     async with aioredmq.connect(f"redis://127.0.0.1:{free_port()}", connect_timeout_s=1) as mq:
         q = mq.queue("nowhere")
-        with pytest.raises(aioredmq.PublishUnconfirmedError):
+        with pytest.raises(aioredmq.PublishNotSentError):
             await q.publish(1)
         opened = False
         with anyio.move_on_after(1.0) as waited:
