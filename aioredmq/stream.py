@@ -139,7 +139,14 @@ class Stream(Publishing[T]):
 
     async def create_group(self, group: str, start: str = "new") -> bool:
         """Create ``group`` (and the stream, if needed). Returns False if it existed: an
-        existing group keeps its position. Any error but "already exists" is raised."""
+        existing group keeps its position. Any error but "already exists" is raised.
+
+        ``start``: ``'new'`` (the default) delivers only entries appended from now on:
+        entries already in the stream, such as those published before this call, never
+        reach the group. To have a group see a publish, create it before that publish,
+        or pass ``'begin'`` (every entry the stream still holds) or an entry id.
+        """
+        self.client.check_open()
         check_name("group", group)
         key = self.keys.stream
         try:
@@ -185,9 +192,12 @@ class Stream(Publishing[T]):
         """A consumer in ``group``; use ``async with stream.consume("billing") as c: async for msg in c``.
 
         The group is created on open if missing, reading from ``start``: ``'new'``,
-        ``'begin'`` or an entry id. ``name``: unique within the group; fix it so a
-        restarted worker resumes its own pending entries first. Consumers of the group
-        idle for ``forget_idle_consumers_s`` and holding nothing are removed.
+        ``'begin'`` or an entry id (see :meth:`create_group`). With ``'new'``, a group
+        created here misses every entry published before this consumer first opened:
+        create the group before publishing, or use ``'begin'``. ``start`` is ignored for
+        a group that exists. ``name``: unique within the group; fix it so a restarted
+        worker resumes its own pending entries first. Consumers of the group idle for
+        ``forget_idle_consumers_s`` and holding nothing are removed.
         """
         group_start(start)
         return StreamConsumer(
