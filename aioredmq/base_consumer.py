@@ -31,7 +31,7 @@ import anyio
 from .codecs import Codec
 from .config import RetryPolicy, check_positive
 from .delayed import DueTimer
-from .envelope import Envelope, decode, encode_dead
+from .envelope import Envelope, decode, encode_dead, with_attempts
 from .errors import TRANSIENT, AioredmqError, ClosedError, DecodeError, permanent
 from .keys import check_name
 from .message import Message
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .commands import AnyRedis
     from .producer import Publishing
 
-__all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "now_ms", "until_done")
+__all__ = ("BaseConsumer", "ConsumerStats", "default_consumer_name", "delivered", "now_ms", "until_done")
 
 log = logging.getLogger("aioredmq.consumer")
 T = TypeVar("T")
@@ -55,6 +55,11 @@ _FAILURE_LOG_EVERY_S = 10.0
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def delivered(deliveries: int, limit: int) -> str:
+    """The end of a dead-letter reason: how often the message was tried, of how many."""
+    return f"delivered {deliveries} time{'' if deliveries == 1 else 's'} (max_deliveries={limit})"
 
 
 def default_consumer_name() -> str:
@@ -491,8 +496,7 @@ class BaseConsumer(Generic[T]):
     def _settle_nack(self, msg: Message[T], delay_s: float | None, reason: str) -> None:
         policy = self.retry
         if msg.deliveries >= policy.max_deliveries:
-            why = f"{reason}; delivered {msg.deliveries} times (max_deliveries={policy.max_deliveries})"
-            self._settle_dead(msg, why)
+            self._settle_dead(msg, f"{reason}; {delivered(msg.deliveries, policy.max_deliveries)}")
             return
         self.stats.nacked += 1
         if self._metrics is not None:
@@ -501,10 +505,19 @@ class BaseConsumer(Generic[T]):
         self._after_settle(msg)
 
     def _settle_dead(self, msg: Message[T], reason: str) -> None:
-        self._dead(msg._ref, msg.raw, reason)
+        self._dead(msg._ref, msg.raw, reason, msg.deliveries)
         self._after_settle(msg)
 
-    def _dead(self, ref: bytes, raw: bytes, reason: str) -> None:
+    def _dead(self, ref: bytes, raw: bytes, reason: str, deliveries: int | None = None) -> None:
+        """Dead-letter a delivery. With ``deliveries``, the record's envelope counts them as
+        its attempts (each ended without an ack), so the record tells how often it was tried."""
+        if deliveries is not None:
+            try:
+                decode(raw)
+            except DecodeError:
+                pass
+            else:
+                raw = with_attempts(raw, deliveries)
         self.stats.dead_lettered += 1
         if self._metrics is not None:
             self._metrics.dead_lettered(self.label)

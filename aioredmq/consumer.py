@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from .base_consumer import BaseConsumer, ConsumerStats
+from .base_consumer import BaseConsumer, ConsumerStats, delivered
 from .commands import execute
 from .delayed import DueTimer
 from .envelope import decode, with_attempts
@@ -91,7 +91,9 @@ class Consumer(BaseConsumer[T]):
     async def _close_in_redis(self) -> None:
         await self._return_orphans()  # nothing should be left by now; cheap to make sure
         keys = self.queue.keys
-        await script("deregister")(self.client.redis, (keys.leases, self._inflight, keys.registry), (self.name,))
+        await script("deregister")(
+            self.client.redis, (keys.leases, self._inflight, keys.registry, keys.lease_lengths), (self.name,)
+        )
 
     # -- fetch -----------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Consumer(BaseConsumer[T]):
         """Front of ready with the count raised, or dead-letter at the limit."""
         limit = self.retry.max_deliveries
         if deliveries >= limit:
-            self._dead(ref, raw, f"{reason}; delivered {deliveries} times (max_deliveries={limit})")
+            self._dead(ref, raw, f"{reason}; {delivered(deliveries, limit)}", deliveries)
             return
         try:
             decode(raw)
@@ -244,7 +246,7 @@ class Consumer(BaseConsumer[T]):
         fence_keys, token = self._fence
         next_ms, in_flight, lapsed, *expired = await script("heartbeat")(
             self.client.control,
-            (keys.leases, keys.delayed, self._inflight, keys.registry, *fence_keys),
+            (keys.leases, keys.delayed, self._inflight, keys.registry, keys.lease_lengths, *fence_keys),
             (self.name, self._lease_ms, _REAP_BATCH, *token),
         )
         if in_flight == -1:
@@ -287,7 +289,7 @@ class Consumer(BaseConsumer[T]):
                 continue
             requeued, dead = await script("reap")(
                 self.client.control,
-                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead, keys.registry),
+                (keys.leases, keys.inflight_of(member), keys.ready, keys.dead, keys.registry, keys.lease_lengths),
                 (member, self.queue.retry.max_deliveries, self._lease_ms, int(force)),
             )
             alive += requeued < 0

@@ -9,6 +9,8 @@ command and Lua script touches a single Cluster slot::
     <prefix>:{<name>}:registry            zset; consumer -> last take or heartbeat (ms): every
                                           consumer that may have an in-flight list, so recovery
                                           finds the list even when its lease entry is lost
+    <prefix>:{<name>}:lease_lengths       hash; consumer -> its lease length (ms), so that
+                                          ``aioredmq stats`` ages each heartbeat by its own lease
     <prefix>:{<name>}:delayed             zset; message id -> due time (ms): delayed publishes, retries
     <prefix>:{<name>}:scheduled           hash; message id -> envelope, for the delayed set
     <prefix>:{<name>}:dead                list; dead-letter records, newest at the left
@@ -110,6 +112,10 @@ class QueueKeys(_Keys):
     @property
     def registry(self) -> str:
         return f"{self.base}:registry"
+
+    @property
+    def lease_lengths(self) -> str:
+        return f"{self.base}:lease_lengths"
 
     @property
     def dead(self) -> str:

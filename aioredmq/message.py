@@ -142,7 +142,9 @@ def settle_outcome(msg: Message[T], exc: BaseException | None) -> bool:
         )
         if not msg._settled:
             msg._claim("nack")
-            msg._consumer._settle_nack(msg, None, f"{type(exc).__name__}: {exc}")
+            text = str(exc)  # `raise ValueError()` has none: then the type alone is the reason
+            reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            msg._consumer._settle_nack(msg, None, reason)
         return True  # handled: the message's fate records it
     if not msg._settled:  # cancellation or another BaseException: give it back
         msg._claim("give back")

@@ -158,8 +158,14 @@ async def _workers(
         if handler_timeout_s is None:
             await handler(msg)
         else:
-            with anyio.fail_after(handler_timeout_s):
-                await handler(msg)
+            try:
+                with anyio.fail_after(handler_timeout_s) as scope:
+                    await handler(msg)
+            except TimeoutError as exc:
+                if not scope.cancelled_caught:
+                    raise  # the handler's own timeout, with its own message
+                # anyio's TimeoutError says nothing; the dead-letter reason is built from this.
+                raise TimeoutError(f"handler timed out after {handler_timeout_s:g} s") from exc
 
     plain = handler_timeout_s is None and metrics is None and tracing is None
 

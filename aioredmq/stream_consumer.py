@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from .base_consumer import BaseConsumer
+from .base_consumer import BaseConsumer, delivered
 from .commands import execute
 from .delayed import DueTimer
 from .errors import AioredmqError, ResponseError, permanent
@@ -231,6 +231,7 @@ class StreamConsumer(BaseConsumer[T]):
                     raw,
                     f"delivered {deliveries - 1} times without an ack (max_deliveries={limit}): "
                     "its consumers failed, stopped or lost their lease",
+                    deliveries - 1,
                 )
                 continue
             msg = self._accept_one(entry_id, raw, deliveries)
@@ -351,7 +352,7 @@ class StreamConsumer(BaseConsumer[T]):
     def _release(self, ref: bytes, raw: bytes, deliveries: int, reason: str) -> None:
         limit = self.retry.max_deliveries
         if deliveries >= limit:
-            self._dead(ref, raw, f"{reason}; delivered {deliveries} times (max_deliveries={limit})")
+            self._dead(ref, raw, f"{reason}; {delivered(deliveries, limit)}", deliveries)
             return
         self.stats.returned += 1
         self._release_now(ref, -1)

@@ -119,3 +119,26 @@ async def test_grace_expiry_cancels_the_handler_and_gives_the_message_back(mq: a
         msg = await consumer.__anext__()
         assert (msg.id, msg.deliveries) == (mid, 2)
         await msg.ack()
+
+
+async def test_a_handler_cut_by_its_timeout_says_so_in_the_dead_letter_reason(mq: aioredmq.Client) -> None:
+    q = mq.queue("timeout-reason", retry=RetryPolicy(max_deliveries=1))
+    await q.publish_many(["hangs", "times out on its own", "raises without text"])
+
+    async def handler(msg: Message[Any]) -> None:
+        if msg.body == "hangs":
+            await anyio.sleep(30)
+        elif msg.body == "times out on its own":
+            raise TimeoutError("billing did not answer")
+        raise ValueError()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(mq.run, q, handler, handler_timeout_s=0.25))
+        await settled_stats(q, dead=3, ready=0, in_flight=0)
+        tg.cancel_scope.cancel()
+    reasons = {r.envelope.body: r.reason for r in await q.dead_letters() if r.envelope is not None}
+    assert reasons == {
+        b'"hangs"': "TimeoutError: handler timed out after 0.25 s; delivered 1 time (max_deliveries=1)",
+        b'"times out on its own"': "TimeoutError: billing did not answer; delivered 1 time (max_deliveries=1)",
+        b'"raises without text"': "ValueError; delivered 1 time (max_deliveries=1)",
+    }

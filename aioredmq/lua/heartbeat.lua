@@ -4,18 +4,20 @@
 -- KEYS[2] delayed sorted set (score: due time in ms)
 -- KEYS[3] this consumer's in-flight list
 -- KEYS[4] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
--- KEYS[5] (a partition's consumer only) the partition's fence
+-- KEYS[5] (optional) lease lengths (hash: consumer -> its lease length, ms), so that an
+--   operator's view can tell a late heartbeat from a long lease
+-- KEYS[6] (a partition's consumer only, after KEYS[5]) the partition's fence
 -- ARGV[1] consumer name
 -- ARGV[2] lease length, in ms
 -- ARGV[3] how many expired consumers to return at most
--- ARGV[4] (with KEYS[5]) this holder's fencing token; when it is not the current one,
+-- ARGV[4] (with KEYS[6]) this holder's fencing token; when it is not the current one,
 --   nothing is written (the lease is not renewed) and the reply is {-1, -1, 0}
 -- Returns {ms until the next delayed message is due or -1, length of the in-flight list,
 -- 1 if this consumer's lease had lapsed (or its entry was gone) before this renewal else 0,
 -- expired consumer names...}. A lapsed lease may have been reaped: what the consumer holds
 -- is then maybe someone else's. Expired: a lease that passed, or a registered consumer silent
 -- for a lease whose lease entry is gone (evicted, lost, or forgotten by a forced reap).
-if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[4] then
+if KEYS[6] and redis.call('GET', KEYS[6]) ~= ARGV[4] then
   return {-1, -1, 0}
 end
 local t = redis.call('TIME')
@@ -29,6 +31,9 @@ local lapsed = (not was or tonumber(was) < now) and 1 or 0
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
+if KEYS[5] then
+  redis.call('HSET', KEYS[5], ARGV[1], lease)
+end
 local next_due = -1
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt > 0 then

@@ -5,6 +5,8 @@
 -- KEYS[3] ready list
 -- KEYS[4] dead-letter list
 -- KEYS[5] in-flight registry (sorted set: consumer -> when it last took or beat, ms)
+-- KEYS[6] (optional) lease lengths hash (consumer -> its lease length, ms): forgotten with
+--   the consumer
 -- ARGV[1] consumer name
 -- ARGV[2] max deliveries
 -- ARGV[3] the lease length (ms): how long an expired, empty lease is kept before it is
@@ -12,6 +14,8 @@
 -- ARGV[4] '1': reap even a live lease, and forget it (the caller took over a partition of a
 --   partitioned queue, whose previous holder lost it); otherwise '0'
 -- Returns {requeued, dead_lettered}; {-1, 0} when the lease is alive again (nothing touched).
+-- A dead-letter record keeps the envelope with its attempt count raised to the deliveries
+-- it had (each ended without an ack), as the consumers write theirs.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -40,10 +44,12 @@ for i = 1, #items do
   local reason = nil
   if e then
     local attempts = tonumber(n) + 1
+    local counted = 'amq1 ' .. id .. ' ' .. attempts .. string.sub(raw, e)
     if attempts >= max then
       reason = 'lease of consumer ' .. ARGV[1] .. ' expired; delivered ' .. attempts .. ' times (max_deliveries=' .. max .. ')'
+      raw = counted
     else
-      redis.call('RPUSH', KEYS[3], 'amq1 ' .. id .. ' ' .. attempts .. string.sub(raw, e))
+      redis.call('RPUSH', KEYS[3], counted)
       requeued = requeued + 1
     end
   else
@@ -58,11 +64,17 @@ end
 -- land in its in-flight list, and the next reap must find it.
 if force or (deadline and tonumber(deadline) + keep < now and #items == 0) then
   redis.call('ZREM', KEYS[1], ARGV[1])
+  if KEYS[6] then
+    redis.call('HDEL', KEYS[6], ARGV[1])
+  end
 end
 -- The registry entry outlives a forced reap (a late move may still land) and is dropped only
 -- once the list is empty and nothing was heard of its consumer for two leases.
 if not force and #items == 0 and (not seen or tonumber(seen) + 2 * keep < now)
     and (not deadline or tonumber(deadline) + keep < now) then
   redis.call('ZREM', KEYS[5], ARGV[1])
+  if KEYS[6] then
+    redis.call('HDEL', KEYS[6], ARGV[1])
+  end
 end
 return {requeued, dead}
