@@ -514,8 +514,13 @@ class Client:
         grace_s: float = 30.0,
         name: str | None = None,
         idempotency: Idempotency | None = None,
+        opened: Callable[[], None] | None = None,
     ) -> None:
-        """Run ``handler`` on every message of ``queue`` until cancelled. See :func:`run`."""
+        """Run ``handler`` on every message of ``queue`` until cancelled. See :func:`run`.
+
+        ``opened`` is called once the consumer is open: opening waits for Redis (and
+        retries while it cannot be reached), so this is when the runner is ready.
+        """
         from .runner import run
 
         await run(
@@ -528,6 +533,7 @@ class Client:
             grace_s=grace_s,
             name=name,
             idempotency=idempotency,
+            opened=opened,
         )
 
 
