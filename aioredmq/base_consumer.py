@@ -220,6 +220,12 @@ class BaseConsumer(Generic[T]):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def _open_checked(self) -> None:
+        # The version check is retried with the opening: a consumer started while Redis
+        # was down checks the server it finally reaches.
+        await self.client.check_server()
+        await self._open_in_redis()
+
     async def __aenter__(self) -> Self:
         if self._state:
             raise ClosedError("a consumer can be opened only once; call consume() again")
@@ -229,8 +235,7 @@ class BaseConsumer(Generic[T]):
         self._conn = client.dedicated(self.block_s + max(5.0, self.block_s))
         client.consumers.add(self)
         try:
-            await client.check_server()
-            await until_done(self._open_in_redis, f"consumer {self.name}: opening")
+            await until_done(self._open_checked, f"consumer {self.name}: opening")
         except BaseException:
             self._state = 2
             self._due.close()

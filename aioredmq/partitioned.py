@@ -475,8 +475,7 @@ class PartitionedConsumer(Generic[T]):
         self._state = 1
         self.client.members.add(self)
         try:
-            await self.client.check_server()
-            await until_done(self._balance_once, f"member {self.name} of {self.label}: opening")
+            await until_done(self._open_checked, f"member {self.name} of {self.label}: opening")
         except BaseException:
             self._state = 2
             self.client.members.discard(self)
@@ -639,6 +638,11 @@ class PartitionedConsumer(Generic[T]):
                 )
                 return
         log.info("member %s handed partition %d of %s over", self.name, index, self.label)
+
+    async def _open_checked(self) -> None:
+        # As a consumer opens: the version check is retried with the first balance.
+        await self.client.check_server()
+        await self._balance_once()
 
     async def _balance_once(self) -> None:
         async with self._balancing:

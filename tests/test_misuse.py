@@ -269,34 +269,36 @@ async def test_after_an_outage_publishes_succeed_and_say_so_once(
         assert len(failed) == 1
 
 
+_OLD_INFO = b"# Server\r\nredis_version:6.0.16\r\nredis_mode:standalone\r\n"
+
+
+async def _old_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while line := await reader.readline():
+            if not line.startswith(b"*"):
+                continue
+            args = []
+            for _ in range(int(line[1:])):
+                size = int((await reader.readline())[1:])
+                args.append((await reader.readexactly(size + 2))[:-2])
+            if args[0].upper() == b"INFO":
+                writer.write(b"$%d\r\n%b\r\n" % (len(_OLD_INFO), _OLD_INFO))
+            elif args[0].upper() == b"HELLO":
+                writer.write(b"%2\r\n$5\r\nproto\r\n:3\r\n$7\r\nversion\r\n$6\r\n6.0.16\r\n")
+            else:
+                writer.write(b"+OK\r\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
 async def test_a_redis_older_than_6_2_is_refused_naming_the_version() -> None:
     """A Redis without BLMOVE or XAUTOCLAIM failed with "unknown command" from inside a
     script. No Redis 6.0 is installed here: a stand-in answers INFO as 6.0.16 would and
     every other command with +OK, so only the version check can refuse."""
-    info = b"# Server\r\nredis_version:6.0.16\r\nredis_mode:standalone\r\n"
-
-    async def old_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                if not line.startswith(b"*"):
-                    continue
-                args = []
-                for _ in range(int(line[1:])):
-                    size = int((await reader.readline())[1:])
-                    args.append((await reader.readexactly(size + 2))[:-2])
-                if args[0].upper() == b"INFO":
-                    writer.write(b"$%d\r\n%b\r\n" % (len(info), info))
-                elif args[0].upper() == b"HELLO":
-                    writer.write(b"%2\r\n$5\r\nproto\r\n:3\r\n$7\r\nversion\r\n$6\r\n6.0.16\r\n")
-                else:
-                    writer.write(b"+OK\r\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(old_redis, "127.0.0.1", 0)
+    server = await asyncio.start_server(_old_redis, "127.0.0.1", 0)
     async with server, aioredmq.connect(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}") as mq:
         queue = mq.queue("m-old")
         with pytest.raises(aioredmq.ConfigError, match=r"Redis 6\.0\.16 is too old: aioredmq needs Redis 6\.2"):
@@ -305,6 +307,25 @@ async def test_a_redis_older_than_6_2_is_refused_naming_the_version() -> None:
         with pytest.raises(aioredmq.ConfigError, match="too old"), anyio.fail_after(5):
             async with queue.consume():
                 pass
+
+
+async def test_a_consumer_started_before_redis_checks_the_server_it_reaches() -> None:
+    """The check is retried with the opening: a worker started while nothing listened
+    checked nothing, and met 'unknown command' later."""
+    port = free_port()
+
+    async def serve_later() -> None:
+        await anyio.sleep(0.5)  # the consumer's first tries find nothing
+        async with await asyncio.start_server(_old_redis, "127.0.0.1", port):
+            await anyio.sleep_forever()
+
+    async with aioredmq.connect(f"redis://127.0.0.1:{port}") as mq:
+        consumer = mq.queue("m-old-later").consume()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve_later)
+            with pytest.raises(aioredmq.ConfigError, match="too old"), anyio.fail_after(10):
+                await consumer.__aenter__()
+            tg.cancel_scope.cancel()
 
 
 async def test_the_version_check_passes_on_the_server_under_test(mq: aioredmq.Client) -> None:
